@@ -1,0 +1,5 @@
+import sys
+
+from edgemerge.cli import main
+
+sys.exit(main())

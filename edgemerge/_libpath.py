@@ -1,0 +1,66 @@
+"""Point llama-cpp-python at edgemerge's patched libllama before it loads.
+
+llama-cpp-python reads ``LLAMA_CPP_LIB_PATH`` once, when ``llama_cpp`` is first
+imported, and loads ``libllama`` from there. edgemerge therefore has to set it
+before anything imports ``llama_cpp``; if ``llama_cpp`` is already loaded with
+another library, every edgemerge feature would silently run on the wrong code,
+so that is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIB_DIR = PACKAGE_DIR / "lib"
+
+
+class LibraryMismatchError(ImportError):
+    """``llama_cpp`` was imported with a libllama that is not edgemerge's."""
+
+
+def _loaded_llama_path() -> Path | None:
+    mod = sys.modules.get("llama_cpp.llama_cpp")
+    if mod is None:
+        return None
+    base = getattr(mod, "_base_path", None)
+    return Path(base).resolve() if base is not None else None
+
+
+def install_library_path() -> Path:
+    """Make ``llama_cpp`` load edgemerge's libraries; return their folder.
+
+    Raises:
+        FileNotFoundError: the native build is missing from the package.
+        LibraryMismatchError: ``llama_cpp`` was imported first, from elsewhere.
+    """
+    if not (LIB_DIR / _libname("llama")).exists():
+        raise FileNotFoundError(
+            f"edgemerge's native libraries are missing from {LIB_DIR}. "
+            "Install edgemerge with `pip install .` (not an editable or source-tree import) "
+            "so that the patched llama.cpp is built."
+        )
+    loaded = _loaded_llama_path()
+    if loaded is not None and loaded != LIB_DIR.resolve():
+        raise LibraryMismatchError(
+            f"llama_cpp was imported before edgemerge and loaded libllama from {loaded}, "
+            f"not edgemerge's patched build in {LIB_DIR}. Import edgemerge before llama_cpp "
+            f"(or set LLAMA_CPP_LIB_PATH={LIB_DIR}) and restart Python."
+        )
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+    return LIB_DIR
+
+
+def _libname(stem: str) -> str:
+    if sys.platform == "darwin":
+        return f"lib{stem}.dylib"
+    if sys.platform == "win32":
+        return f"{stem}.dll"
+    return f"lib{stem}.so"
+
+
+def library_file(stem: str) -> Path:
+    """Path of one of edgemerge's shared libraries, e.g. ``library_file("edgemerge")``."""
+    return LIB_DIR / _libname(stem)

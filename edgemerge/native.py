@@ -1,0 +1,67 @@
+"""cffi (ABI mode) bindings to libedgemerge.
+
+The cdef is read from the installed ``edgemerge.h`` itself (the block between
+its CDEF markers), so the header stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import cffi
+
+from edgemerge._libpath import PACKAGE_DIR, library_file
+
+HEADER = PACKAGE_DIR / "include" / "edgemerge.h"
+_CDEF_RE = re.compile(r"/\* EDGEMERGE_CDEF_BEGIN \*/(.*?)/\* EDGEMERGE_CDEF_END \*/", re.S)
+
+
+class NativeError(RuntimeError):
+    """A libedgemerge call failed; the message is the library's own."""
+
+
+def cdef_from_header(path: Path = HEADER) -> str:
+    """The declarations cffi needs, taken from the CDEF block of ``path``."""
+    match = _CDEF_RE.search(path.read_text())
+    if match is None:
+        raise NativeError(f"{path} has no EDGEMERGE_CDEF_BEGIN/END block")
+    return match.group(1).replace("EDGEMERGE_API ", "")
+
+
+@functools.cache
+def _ffi_lib() -> tuple[cffi.FFI, object]:
+    ffi = cffi.FFI()
+    ffi.cdef(cdef_from_header())
+    # Loading libedgemerge pulls in the patched libllama next to it via $ORIGIN.
+    lib = ffi.dlopen(str(library_file("edgemerge")))
+    return ffi, lib
+
+
+def ffi() -> cffi.FFI:
+    return _ffi_lib()[0]
+
+
+def lib():  # noqa: ANN201 - a cffi library object
+    return _ffi_lib()[1]
+
+
+def _str(ptr) -> str:  # noqa: ANN001
+    return ffi().string(ptr).decode()
+
+
+def version() -> str:
+    """Version of libedgemerge."""
+    return _str(lib().edgemerge_version())
+
+
+def llama_version() -> str:
+    """Version string compiled into the patched libllama (``llama_edgemerge_version``)."""
+    return _str(lib().edgemerge_llama_version())
+
+
+def check(status: int) -> None:
+    """Raise :class:`NativeError` with the library's message if ``status`` is an error."""
+    if status < 0:
+        raise NativeError(_str(lib().edgemerge_last_error()) or f"libedgemerge error {status}")
