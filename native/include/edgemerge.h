@@ -18,6 +18,8 @@
 #  define EDGEMERGE_API __attribute__((visibility("default")))
 #endif
 
+#include <stdint.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -40,6 +42,52 @@ EDGEMERGE_API const char * edgemerge_llama_version(void);
 
 /* Message for the last failed call on this thread ("" if none). */
 EDGEMERGE_API const char * edgemerge_last_error(void);
+
+/* Flags of edgemerge_merge_rows (same values as ggml's GGML_MERGE_ROWS_*). */
+enum edgemerge_merge_flags {
+    EDGEMERGE_MERGE_MAGNITUDE = 1, /* unit-direction mean times mean norm, per head */
+    EDGEMERGE_MERGE_SLERP = 2      /* two-member groups: spherical interpolation */
+};
+
+/* Run GGML_OP_MERGE_ROWS once on the ggml backend `backend` ("CPU", "CUDA0", ...).
+ *
+ *   rows: n_rows rows of n_embd elements of ggml type `type` (f32=0, f16=1, q4_0=2,
+ *         q8_0=8, bf16=30), in ggml's row layout (ggml_row_size(type, n_embd) bytes each)
+ *   idx:  int32[n_src]           row of each member; groups stored back to back
+ *   w:    float[n_src][n_head]   weight of each member for each head
+ *   offs: int32[n_group + 1]     group g has members offs[g] .. offs[g+1]-1 (non-empty)
+ *   out:  float[n_group][n_embd] merged rows
+ *
+ * n_embd = n_head * head_dim. Returns EDGEMERGE_OK, EDGEMERGE_EINVAL (bad shape, type,
+ * offsets or a non-finite weight), EDGEMERGE_ERANGE (a member outside the rows) or
+ * EDGEMERGE_EBACKEND (no such backend, or it does not support the op). */
+EDGEMERGE_API int edgemerge_merge_rows(const char * backend, int type, const void * rows,
+                                       int64_t n_embd, int64_t n_rows, const int32_t * idx,
+                                       int64_t n_src, const float * w, const int32_t * offs,
+                                       int64_t n_group, int32_t n_head, int32_t flags,
+                                       float * out);
+/* Per-cell metadata of the patched KV cache (native/patches/0002): every cell has an
+ * attention bias added to its KQ-mask entry (0 by default) and the span
+ * [span_min, span_max] of positions it covers (default: its own position).
+ * `ctx` is a `struct llama_context *` (llama-cpp-python: `Llama._ctx.ctx`). For models
+ * with sliding-window layers the full-attention cache is addressed. */
+
+/* The cells of sequence seq_id, ordered by position: fills the first
+ * min(*n_cells, capacity) entries of each non-NULL array and sets *n_cells to the number
+ * of cells in the sequence (call with capacity 0 to size the arrays). Returns
+ * EDGEMERGE_OK or EDGEMERGE_EINVAL (NULL ctx or n_cells, capacity < 0, seq_id outside
+ * [0, n_seq_max), or a context without a KV cache). */
+EDGEMERGE_API int edgemerge_kv_cells_list(void * ctx, int32_t seq_id, int32_t capacity,
+                                          uint32_t * cell, int32_t * pos, int32_t * span_min,
+                                          int32_t * span_max, float * bias, int32_t * n_cells);
+
+/* Set the bias and span of cell `cell` of sequence seq_id (shared by every sequence
+ * that holds the cell). Returns EDGEMERGE_OK, EDGEMERGE_ERANGE (cell index outside the
+ * cache) or EDGEMERGE_EINVAL (unknown sequence, cell not in the sequence, bias not
+ * finite or beyond +-65504, span not 0 <= span_min <= pos <= span_max); on error
+ * nothing changes. */
+EDGEMERGE_API int edgemerge_kv_cell_set(void * ctx, int32_t seq_id, uint32_t cell, float bias,
+                                        int32_t span_min, int32_t span_max);
 /* EDGEMERGE_CDEF_END */
 
 #ifdef __cplusplus

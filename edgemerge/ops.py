@@ -1,0 +1,81 @@
+"""Native ggml ops of the patch series, run in isolation on a named backend.
+
+These wrap libedgemerge's validating C entry points (native/include/edgemerge.h)
+so that each native kernel can be compared with its numba reference in
+:mod:`edgemerge.reference`, backend by backend ("CPU", "CUDA0", ...).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgemerge import native
+from edgemerge.reference.ggml_quants import QType, ggml_type, row_bytes
+
+MERGE_MAGNITUDE = 1
+MERGE_SLERP = 2
+
+
+def merge_rows(
+    rows: np.ndarray,
+    qtype: QType,
+    n_embd: int,
+    idx: np.ndarray,
+    weights: np.ndarray,
+    offsets: np.ndarray,
+    n_head: int,
+    *,
+    magnitude: bool = True,
+    slerp: bool = True,
+    backend: str = "CPU",
+) -> np.ndarray:
+    """Run ``GGML_OP_MERGE_ROWS`` once on ``backend``.
+
+    Args:
+        rows: uint8[n_rows, row_bytes] raw ggml rows of ``qtype`` (or float32[n_rows, n_embd]
+            when ``qtype`` is "f32").
+        qtype: "f32", "f16", "bf16", "q8_0" or "q4_0" (or the ggml enum value).
+        n_embd: elements per row, ``n_head * head_dim``.
+        idx: int32[n_src], the row of each member; groups are stored back to back.
+        weights: float32[n_src, n_head], each member's weight per head.
+        offsets: int32[n_group + 1], CSR offsets of each group's members.
+        n_head: heads per row.
+        magnitude: direction/magnitude merge (else the plain weighted mean).
+        slerp: spherical interpolation for two-member groups (with ``magnitude``).
+        backend: ggml backend name.
+
+    Returns:
+        float32[n_group, n_embd], the merged rows.
+
+    Raises:
+        edgemerge.native.NativeError: the library rejected the arguments (its message says
+            which) or the backend is missing or does not support the op.
+    """
+    t = ggml_type(qtype)
+    raw = np.ascontiguousarray(rows)
+    if t.name == "f32":
+        raw = np.ascontiguousarray(raw, dtype=np.float32).view(np.uint8).reshape(len(raw), -1)
+    if raw.ndim != 2 or raw.shape[1] != row_bytes(t.type_id, n_embd):
+        raise ValueError(
+            f"rows must be [n_rows, {row_bytes(t.type_id, n_embd)}] bytes of {t.name} "
+            f"for n_embd={n_embd}, got shape {rows.shape}"
+        )
+    idx = np.ascontiguousarray(idx, dtype=np.int32)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int32)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if weights.shape != (len(idx), n_head):
+        raise ValueError(f"weights must be [n_src={len(idx)}, n_head={n_head}], got {weights.shape}")
+    n_group = len(offsets) - 1
+    if n_group < 1:
+        raise ValueError("offsets must hold at least two entries (one group)")
+    out = np.empty((n_group, n_embd), dtype=np.float32)
+    ffi = native.ffi()
+    flags = (MERGE_MAGNITUDE if magnitude else 0) | (MERGE_SLERP if slerp else 0)
+    status = native.lib().edgemerge_merge_rows(
+        backend.encode(), t.type_id, ffi.from_buffer(raw), n_embd, raw.shape[0],
+        ffi.from_buffer("int32_t[]", idx), len(idx), ffi.from_buffer("float[]", weights),
+        ffi.from_buffer("int32_t[]", offsets), n_group, n_head, flags,
+        ffi.from_buffer("float[]", out, require_writable=True),
+    )
+    native.check(status)
+    return out
