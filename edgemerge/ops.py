@@ -64,7 +64,9 @@ def merge_rows(
     offsets = np.ascontiguousarray(offsets, dtype=np.int32)
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     if weights.shape != (len(idx), n_head):
-        raise ValueError(f"weights must be [n_src={len(idx)}, n_head={n_head}], got {weights.shape}")
+        raise ValueError(
+            f"weights must be [n_src={len(idx)}, n_head={n_head}], got {weights.shape}"
+        )
     n_group = len(offsets) - 1
     if n_group < 1:
         raise ValueError("offsets must hold at least two entries (one group)")
@@ -72,9 +74,18 @@ def merge_rows(
     ffi = native.ffi()
     flags = (MERGE_MAGNITUDE if magnitude else 0) | (MERGE_SLERP if slerp else 0)
     status = native.lib().edgemerge_merge_rows(
-        backend.encode(), t.type_id, ffi.from_buffer(raw), n_embd, raw.shape[0],
-        ffi.from_buffer("int32_t[]", idx), len(idx), ffi.from_buffer("float[]", weights),
-        ffi.from_buffer("int32_t[]", offsets), n_group, n_head, flags,
+        backend.encode(),
+        t.type_id,
+        ffi.from_buffer(raw),
+        n_embd,
+        raw.shape[0],
+        ffi.from_buffer("int32_t[]", idx),
+        len(idx),
+        ffi.from_buffer("float[]", weights),
+        ffi.from_buffer("int32_t[]", offsets),
+        n_group,
+        n_head,
+        flags,
         ffi.from_buffer("float[]", out, require_writable=True),
     )
     native.check(status)
