@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-LIB_DIR = PACKAGE_DIR / "lib"
+
+# Developer override: EDGEMERGE_LIB_DIR names a folder of native libraries built
+# outside the package (e.g. a scratch build of a new patch), laid out like the
+# installed package: the libraries in it, the matching edgemerge.h in ../include.
+# Unset, the package's own build is used.
+_LIB_DIR_OVERRIDE = os.environ.get("EDGEMERGE_LIB_DIR")
+LIB_DIR = (
+    Path(_LIB_DIR_OVERRIDE).expanduser().resolve() if _LIB_DIR_OVERRIDE else PACKAGE_DIR / "lib"
+)
+INCLUDE_DIR = LIB_DIR.parent / "include"
 
 
 class LibraryMismatchError(ImportError):
@@ -37,6 +46,11 @@ def install_library_path() -> Path:
         LibraryMismatchError: ``llama_cpp`` was imported first, from elsewhere.
     """
     if not (LIB_DIR / _libname("llama")).exists():
+        if _LIB_DIR_OVERRIDE:
+            raise FileNotFoundError(
+                f"EDGEMERGE_LIB_DIR={LIB_DIR} holds no {_libname('llama')}. Point it at a folder "
+                "with edgemerge's native libraries, or unset it to use the installed build."
+            )
         raise FileNotFoundError(
             f"edgemerge's native libraries are missing from {LIB_DIR}. "
             "Install edgemerge with `pip install .` (not an editable or source-tree import) "

@@ -44,8 +44,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     llm = _load_llm(args.model, args.n_ctx, args.threads, args.n_gpu_layers)
     session = ChatSession(
-        llm, system=args.system, max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=args.seed,
+        llm,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
     )
     return run_chat(session)
 
@@ -66,8 +69,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _not_yet(name: str) -> int:
-    print(f"edgemerge {name}: {NOT_YET[name]} is not available yet in this version.",
-          file=sys.stderr)
+    print(
+        f"edgemerge {name}: {NOT_YET[name]} is not available yet in this version.", file=sys.stderr
+    )
     return 2
 
 
@@ -79,12 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     chat = sub.add_parser("chat", help="streaming terminal chat")
-    chat.add_argument("--model", "-m", default=None,
-                      help="registry name or GGUF path (default: the registry's default model)")
+    chat.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="registry name or GGUF path (default: the registry's default model)",
+    )
     chat.add_argument("--n-ctx", type=int, default=4096, help="KV cache cells (context size)")
     chat.add_argument("--threads", "-t", type=int, default=None, help="CPU threads")
-    chat.add_argument("--n-gpu-layers", "-ngl", type=int, default=0,
-                      help="layers to offload to the GPU (CUDA builds)")
+    chat.add_argument(
+        "--n-gpu-layers",
+        "-ngl",
+        type=int,
+        default=0,
+        help="layers to offload to the GPU (CUDA builds)",
+    )
     chat.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--seed", type=int, default=None)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import cffi
 
-from edgemerge._libpath import PACKAGE_DIR, library_file
+from edgemerge._libpath import INCLUDE_DIR, library_file
 
-HEADER = PACKAGE_DIR / "include" / "edgemerge.h"
+HEADER = INCLUDE_DIR / "edgemerge.h"
 _CDEF_RE = re.compile(r"/\* EDGEMERGE_CDEF_BEGIN \*/(.*?)/\* EDGEMERGE_CDEF_END \*/", re.S)
 
 

@@ -13,7 +13,11 @@ from tests_support import package_env
 def run_cli(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "edgemerge", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout, env=package_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=package_env(),
     )
 
 
@@ -59,8 +63,16 @@ def test_chat_truncated_gguf_is_a_clean_error(tmp_path, tiny_qwen2_path):
 
 
 def test_chat_streams_a_reply_and_exits(tiny_qwen2_path):
-    out = run_cli("chat", "--model", str(tiny_qwen2_path), "--max-tokens", "8",
-                  "--temperature", "0", stdin="hello there\n/exit\nnever read\n")
+    out = run_cli(
+        "chat",
+        "--model",
+        str(tiny_qwen2_path),
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        stdin="hello there\n/exit\nnever read\n",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "the tiny model produced no reply"
     assert "Traceback" not in out.stderr
@@ -87,7 +99,15 @@ def test_models_pull_unknown_name_is_a_clean_error():
 @pytest.mark.slow
 def test_chat_with_default_model_answers():
     # The README's main job: `edgemerge chat` on the default model (Qwen 0.5B).
-    out = run_cli("chat", "--temperature", "0", "--max-tokens", "32", "--seed", "1",
-                  stdin="What is 7 times 6? Answer with just the number.\n/exit\n")
+    out = run_cli(
+        "chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "--seed",
+        "1",
+        stdin="What is 7 times 6? Answer with just the number.\n/exit\n",
+    )
     assert out.returncode == 0, out.stderr
     assert "42" in out.stdout

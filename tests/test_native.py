@@ -61,8 +61,12 @@ def test_llama_cpp_imported_first_with_other_library_is_an_error(tmp_path):
         "    print('REFUSED', e)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        cwd=tmp_path, env=package_env(),
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env=package_env(),
     )
     assert "REFUSED" in out.stdout
     assert "Import edgemerge before llama_cpp" in out.stdout

@@ -1,0 +1,1 @@
+"""Pure-numpy/numba reference implementations that the native paths are checked against."""
