@@ -88,6 +88,39 @@ EDGEMERGE_API int edgemerge_kv_cells_list(void * ctx, int32_t seq_id, int32_t ca
  * nothing changes. */
 EDGEMERGE_API int edgemerge_kv_cell_set(void * ctx, int32_t seq_id, uint32_t cell, float bias,
                                         int32_t span_min, int32_t span_max);
+
+/* Shape of the mergeable (full-attention) cache: layers, KV heads, head sizes of K and V,
+ * cells; layer_ids (may be NULL) gets the model layer of each cache layer. */
+EDGEMERGE_API int edgemerge_kv_shape(void * ctx, int32_t * n_layer, int32_t * n_head_kv,
+                                     int32_t * head_dim_k, int32_t * head_dim_v,
+                                     int32_t * n_cells, int32_t * layer_ids,
+                                     int32_t layer_ids_capacity);
+
+/* Planning features of n_cells cells of seq_id (cells in position order), computed on the
+ * cache's backend (native/patches/0004):
+ *   k_sim  float[n_layer][n_head_kv][n_cells-1]  cosine of adjacent keys, centred on the
+ *                                                cells' mean key when centre != 0
+ *   k_norm, v_norm float[n_layer][n_head_kv][n_cells]
+ * Any output may be NULL. Returns EDGEMERGE_OK, EDGEMERGE_ERANGE (a cell outside the
+ * cache), EDGEMERGE_EINVAL (unknown sequence, a cell not in it, fewer than 2 cells) or
+ * EDGEMERGE_EBACKEND. */
+EDGEMERGE_API int edgemerge_kv_features(void * ctx, int32_t seq_id, int32_t n_cells,
+                                        const uint32_t * cells, int32_t centre, float * k_sim,
+                                        float * k_norm, float * v_norm);
+
+/* Merge groups of cells of seq_id in place on the cache's backend. Group g: members
+ * src[offs[g]] .. src[offs[g+1]-1] (offs[0] == 0, non-empty), destination dst[g] (a
+ * member), weights w_k/w_v float[n_layer][n_src][n_head_kv] (NULL: equal weights), new
+ * bias[g] and span [span[2g], span[2g+1]] covering every member's span. flags_k/flags_v:
+ * EDGEMERGE_MERGE_*. The other members are freed. Errors change nothing:
+ * EDGEMERGE_ERANGE (cell outside the cache), EDGEMERGE_EINVAL (unknown sequence, cell
+ * not in it or shared with another, empty or overlapping group, destination not a member,
+ * non-finite weight or bias, span too small), EDGEMERGE_EBACKEND (graph failed). */
+EDGEMERGE_API int edgemerge_kv_merge(void * ctx, int32_t seq_id, int32_t n_group,
+                                     const uint32_t * dst, const int32_t * offs,
+                                     const uint32_t * src, const float * w_k, const float * w_v,
+                                     const float * bias, const int32_t * span, int32_t flags_k,
+                                     int32_t flags_v);
 /* EDGEMERGE_CDEF_END */
 
 #ifdef __cplusplus

@@ -1,0 +1,468 @@
+// In-cache KV merging for llama.cpp: planning features and the merge call.
+//
+// Compiled into llama.cpp's `llama` target by edgemerge's CMakeLists; the patch
+// native/patches/0004-kv-merge-call.patch only declares these members and the C
+// entry points in llama.h. Both calls build a small ggml graph over the cache's
+// own tensors and run it through the context's scheduler, as llama.cpp's K-shift
+// does, so the cache never travels through the host and backends without an op
+// fall back through ggml's scheduler.
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+struct llama_kv_cache::edgemerge_merge_args {
+    llama_seq_id       seq_id;
+    int32_t            n_group;
+    const uint32_t   * dst;
+    const int32_t    * offs;
+    const uint32_t   * src;
+    const float      * w_k;
+    const float      * w_v;
+    const float      * bias;
+    const llama_pos  * span;
+    int32_t            flags_k;
+    int32_t            flags_v;
+};
+
+struct llama_kv_cache::edgemerge_feature_args {
+    llama_seq_id       seq_id;
+    int32_t            n_cells;
+    const uint32_t   * cells;
+    bool               centre;
+    float            * k_sim;
+    float            * k_norm;
+    float            * v_norm;
+};
+
+namespace {
+
+// the f16 KQ mask bounds the bias (see LLAMA_EDGEMERGE_KV_ERR_BIAS)
+constexpr float kBiasMax = 65504.0f;
+constexpr float kNormEps = 1e-12f;
+
+template <typename... Args>
+int32_t fail(std::string & err, int32_t code, const char * fmt, Args... args) {
+    char buf[384];
+    snprintf(buf, sizeof(buf), fmt, args...);
+    err = buf;
+    return code;
+}
+
+// A view of a K or V cache tensor of one stream as rows of one element each,
+// the layout llama.cpp itself uses to write a transposed V cache.
+ggml_tensor * element_rows(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_reshape_2d(ctx, t, 1, ggml_nelements(t));
+}
+
+}  // namespace
+
+int32_t llama_kv_cache::edgemerge_shape(int32_t * n_layer, int32_t * n_head_kv, int32_t * head_dim_k,
+                                        int32_t * head_dim_v, int32_t * n_cells, int32_t * layer_ids,
+                                        int32_t layer_ids_capacity) const {
+    if (layers.empty()) {
+        return LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+    }
+    const uint32_t il0 = layers[0].il;
+    for (const auto & layer : layers) {
+        if (hparams.n_head_kv(layer.il) != hparams.n_head_kv(il0) ||
+            hparams.n_embd_k_gqa(layer.il) != hparams.n_embd_k_gqa(il0) ||
+            hparams.n_embd_v_gqa(layer.il) != hparams.n_embd_v_gqa(il0) || layer.v == nullptr ||
+            layer.v->ne[0] != (int64_t) hparams.n_embd_v_gqa(layer.il)) {
+            return LLAMA_EDGEMERGE_KV_ERR_LAYOUT;
+        }
+    }
+    const int32_t nh = (int32_t) hparams.n_head_kv(il0);
+    if (n_layer)    { *n_layer    = (int32_t) layers.size(); }
+    if (n_head_kv)  { *n_head_kv  = nh; }
+    if (head_dim_k) { *head_dim_k = (int32_t) hparams.n_embd_k_gqa(il0) / nh; }
+    if (head_dim_v) { *head_dim_v = (int32_t) hparams.n_embd_v_gqa(il0) / nh; }
+    if (n_cells)    { *n_cells    = (int32_t) get_size(); }
+    for (int32_t i = 0; layer_ids && i < layer_ids_capacity && i < (int32_t) layers.size(); ++i) {
+        layer_ids[i] = (int32_t) layers[i].il;
+    }
+    return 0;
+}
+
+// Per-layer views used by both graphs: K rows of the stream, V as rows (or as
+// single elements when V is transposed), and the row index of a cell.
+struct edgemerge_stream_view {
+    int64_t kv_size;
+    int64_t stream;
+    int64_t row(uint32_t cell) const { return stream * kv_size + cell; }
+};
+
+int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge_feature_args & a,
+                                           std::string & err) const {
+    int32_t n_layer = 0, n_head = 0, hd_k = 0, hd_v = 0;
+    if (edgemerge_shape(&n_layer, &n_head, &hd_k, &hd_v, nullptr, nullptr, 0) != 0) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_LAYOUT,
+                    "features: the cache layers differ in head count or size; not supported");
+    }
+    if (a.seq_id < 0 || (uint32_t) a.seq_id >= n_seq_max) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_SEQ, "features: seq_id %d is not in [0, %u)", a.seq_id,
+                    n_seq_max);
+    }
+    if (a.n_cells < 2 || a.cells == nullptr) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_ARG, "features: need at least 2 cells, got %d", a.n_cells);
+    }
+    const auto & cells = v_cells[seq_to_stream[a.seq_id]];
+    for (int32_t i = 0; i < a.n_cells; ++i) {
+        const uint32_t c = a.cells[i];
+        if (c >= cells.size()) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_CELL, "features: cell %u is outside the cache (%u cells)", c,
+                        cells.size());
+        }
+        if (cells.is_empty(c) || !cells.seq_has(c, a.seq_id)) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_NOT_IN_SEQ, "features: cell %u is not in sequence %d", c,
+                        a.seq_id);
+        }
+    }
+
+    llama_synchronize(lctx);
+    lctx->edgemerge_drop_graph_reuse();
+    auto * sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    auto * res = lctx->get_gf_res_reserve();
+    res->reset();
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph  * gf  = res->get_gf();
+
+    const edgemerge_stream_view sv{ (int64_t) get_size(), (int64_t) seq_to_stream[a.seq_id] };
+    const int64_t n = a.n_cells;
+    const int64_t n_embd_v = (int64_t) hd_v * n_head;
+
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_input(idx);
+    ggml_tensor * vidx = nullptr;
+    if (v_trans) {
+        vidx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n * n_embd_v);
+        ggml_set_input(vidx);
+    }
+
+    struct outputs { ggml_tensor * sim; ggml_tensor * kn; ggml_tensor * vn; };
+    std::vector<outputs> outs;
+
+    for (const auto & layer : layers) {
+        ggml_tensor * k2d = ggml_reshape_2d(ctx, layer.k, layer.k->ne[0], layer.k->ne[1] * layer.k->ne[2]);
+        ggml_tensor * k = ggml_get_rows(ctx, k2d, idx);                        // f32 [n_embd_k, n]
+        k = ggml_reshape_3d(ctx, k, hd_k, n_head, n);
+        outputs o{ nullptr, nullptr, nullptr };
+
+        ggml_tensor * kc = k;
+        if (a.centre) {
+            // mean over the cells per layer and head: bring the cell axis to the front
+            ggml_tensor * kt = ggml_cont(ctx, ggml_permute(ctx, k, 1, 2, 0, 3));  // [n, hd, n_head]
+            ggml_tensor * mu = ggml_reshape_3d(ctx, ggml_mean(ctx, kt), hd_k, n_head, 1);
+            kc = ggml_sub(ctx, k, mu);
+        }
+        ggml_tensor * u = ggml_l2_norm(ctx, kc, kNormEps);
+        ggml_tensor * u0 = ggml_view_3d(ctx, u, hd_k, n_head, n - 1, u->nb[1], u->nb[2], 0);
+        ggml_tensor * u1 = ggml_view_3d(ctx, u, hd_k, n_head, n - 1, u->nb[1], u->nb[2], u->nb[2]);
+        o.sim = ggml_sum_rows(ctx, ggml_mul(ctx, u0, u1));                     // [1, n_head, n-1]
+        o.kn = ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, k)));             // [1, n_head, n]
+
+        ggml_tensor * v;
+        if (v_trans) {
+            v = ggml_get_rows(ctx, element_rows(ctx, layer.v), vidx);          // [1, n*n_embd_v]
+        } else {
+            ggml_tensor * v2d = ggml_reshape_2d(ctx, layer.v, layer.v->ne[0], layer.v->ne[1] * layer.v->ne[2]);
+            v = ggml_get_rows(ctx, v2d, idx);
+        }
+        v = ggml_reshape_3d(ctx, v, hd_v, n_head, n);
+        o.vn = ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, v)));
+
+        // [1, n_head, m] with heads fastest -> [m, n_head], cells fastest, as the API promises
+        for (ggml_tensor ** t : { &o.sim, &o.kn, &o.vn }) {
+            *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, *t, n_head, (*t)->ne[2])));
+            ggml_set_output(*t);
+            ggml_build_forward_expand(gf, *t);
+        }
+        outs.push_back(o);
+    }
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "features: could not allocate the graph");
+    }
+    std::vector<int32_t> rows(n);
+    for (int64_t i = 0; i < n; ++i) {
+        rows[i] = (int32_t) sv.row(a.cells[i]);
+    }
+    ggml_backend_tensor_set(idx, rows.data(), 0, ggml_nbytes(idx));
+    if (vidx) {
+        // element e of cell c of stream s sits at s*kv_size*n_embd_v + e*kv_size + c
+        std::vector<int32_t> vr(n * n_embd_v);
+        for (int64_t i = 0; i < n; ++i) {
+            for (int64_t e = 0; e < n_embd_v; ++e) {
+                vr[i * n_embd_v + e] = (int32_t) (sv.stream * sv.kv_size * n_embd_v + e * sv.kv_size + a.cells[i]);
+            }
+        }
+        ggml_backend_tensor_set(vidx, vr.data(), 0, ggml_nbytes(vidx));
+    }
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "features: graph compute failed");
+    }
+    ggml_backend_sched_synchronize(sched);
+
+    const size_t per_sim = (size_t) n_head * (n - 1), per_norm = (size_t) n_head * n;
+    for (size_t il = 0; il < outs.size(); ++il) {
+        if (a.k_sim)  { ggml_backend_tensor_get(outs[il].sim, a.k_sim  + il * per_sim,  0, per_sim  * sizeof(float)); }
+        if (a.k_norm) { ggml_backend_tensor_get(outs[il].kn,  a.k_norm + il * per_norm, 0, per_norm * sizeof(float)); }
+        if (a.v_norm) { ggml_backend_tensor_get(outs[il].vn,  a.v_norm + il * per_norm, 0, per_norm * sizeof(float)); }
+    }
+    err.clear();
+    return 0;
+}
+
+int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_merge_args & a, std::string & err) {
+    int32_t n_layer = 0, n_head = 0, hd_k = 0, hd_v = 0;
+    if (edgemerge_shape(&n_layer, &n_head, &hd_k, &hd_v, nullptr, nullptr, 0) != 0) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_LAYOUT,
+                    "merge: the cache layers differ in head count or size; not supported");
+    }
+    if (a.seq_id < 0 || (uint32_t) a.seq_id >= n_seq_max) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_SEQ, "merge: seq_id %d is not in [0, %u)", a.seq_id, n_seq_max);
+    }
+    if (a.n_group <= 0 || !a.dst || !a.offs || !a.src || !a.bias || !a.span) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_ARG,
+                    "merge: need n_group > 0 (got %d) and non-NULL dst, offs, src, bias and span", a.n_group);
+    }
+    if (a.offs[0] != 0) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: offs[0] must be 0, got %d", a.offs[0]);
+    }
+    auto & cells = v_cells[seq_to_stream[a.seq_id]];
+    const int32_t n_src = a.offs[a.n_group];
+    std::vector<uint8_t> seen(cells.size(), 0);
+    for (int32_t g = 0; g < a.n_group; ++g) {
+        if (a.offs[g + 1] <= a.offs[g]) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: group %d is empty", g);
+        }
+        bool has_dst = false;
+        llama_pos lo = 0, hi = 0;
+        for (int32_t j = a.offs[g]; j < a.offs[g + 1]; ++j) {
+            const uint32_t c = a.src[j];
+            if (c >= cells.size()) {
+                return fail(err, LLAMA_EDGEMERGE_KV_ERR_CELL, "merge: group %d: cell %u is outside the cache (%u cells)",
+                            g, c, cells.size());
+            }
+            if (cells.is_empty(c) || !cells.seq_has(c, a.seq_id)) {
+                return fail(err, LLAMA_EDGEMERGE_KV_ERR_NOT_IN_SEQ, "merge: group %d: cell %u is not in sequence %d",
+                            g, c, a.seq_id);
+            }
+            if (cells.seq_count(c) != 1) {
+                return fail(err, LLAMA_EDGEMERGE_KV_ERR_SHARED,
+                            "merge: group %d: cell %u is shared with another sequence", g, c);
+            }
+            if (seen[c]) {
+                return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: cell %u appears in more than one group member",
+                            c);
+            }
+            seen[c] = 1;
+            has_dst = has_dst || c == a.dst[g];
+            const llama_pos p = cells.pos_get(c);
+            const llama_kv_cell_merge & m = cells.merge_get(c);
+            lo = j == a.offs[g] ? p - m.span_lo : std::min(lo, p - m.span_lo);
+            hi = j == a.offs[g] ? p + m.span_hi : std::max(hi, p + m.span_hi);
+        }
+        if (!has_dst) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: group %d: destination cell %u is not a member", g,
+                        a.dst[g]);
+        }
+        if (!std::isfinite(a.bias[g]) || std::fabs(a.bias[g]) > kBiasMax) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_BIAS, "merge: group %d: bias %g is not finite or beyond 65504",
+                        g, (double) a.bias[g]);
+        }
+        if (a.span[2 * g] > lo || a.span[2 * g + 1] < hi) {
+            return fail(err, LLAMA_EDGEMERGE_KV_ERR_SPAN,
+                        "merge: group %d: span [%d, %d] must contain the members' positions [%d, %d]", g,
+                        a.span[2 * g], a.span[2 * g + 1], lo, hi);
+        }
+    }
+    for (const float * w : { a.w_k, a.w_v }) {
+        for (int64_t i = 0; w && i < (int64_t) n_layer * n_src * n_head; ++i) {
+            if (!std::isfinite(w[i])) {
+                return fail(err, LLAMA_EDGEMERGE_KV_ERR_WEIGHT, "merge: %s weight %lld is not finite",
+                            w == a.w_k ? "key" : "value", (long long) i);
+            }
+        }
+    }
+
+    llama_synchronize(lctx);
+    lctx->edgemerge_drop_graph_reuse();
+    auto * sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    auto * res = lctx->get_gf_res_reserve();
+    res->reset();
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph  * gf  = res->get_gf();
+
+    const edgemerge_stream_view sv{ (int64_t) get_size(), (int64_t) seq_to_stream[a.seq_id] };
+    const int64_t n_embd_v = (int64_t) hd_v * n_head;
+
+    ggml_tensor * t_src  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src);
+    ggml_tensor * t_dst  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, a.n_group);
+    ggml_tensor * t_offs = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, a.n_group + 1);
+    ggml_tensor * t_wk   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head, n_src, n_layer);
+    ggml_tensor * t_wv   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_head, n_src, n_layer);
+    ggml_tensor * t_vsrc = nullptr, * t_vdst = nullptr, * t_iota = nullptr;
+    for (ggml_tensor * t : { t_src, t_dst, t_offs, t_wk, t_wv }) {
+        ggml_set_input(t);
+    }
+    if (v_trans) {
+        t_vsrc = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src * n_embd_v);
+        t_vdst = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, a.n_group * n_embd_v);
+        t_iota = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src);
+        for (ggml_tensor * t : { t_vsrc, t_vdst, t_iota }) {
+            ggml_set_input(t);
+        }
+    }
+
+    for (int32_t il = 0; il < n_layer; ++il) {
+        const auto & layer = layers[il];
+        ggml_tensor * wk = ggml_view_2d(ctx, t_wk, n_head, n_src, t_wk->nb[1], il * t_wk->nb[2]);
+        ggml_tensor * wv = ggml_view_2d(ctx, t_wv, n_head, n_src, t_wv->nb[1], il * t_wv->nb[2]);
+
+        ggml_tensor * k2d = ggml_reshape_2d(ctx, layer.k, layer.k->ne[0], layer.k->ne[1] * layer.k->ne[2]);
+        ggml_tensor * mk  = ggml_merge_rows(ctx, k2d, t_src, wk, t_offs, n_head, a.flags_k);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, k2d, mk, t_dst));
+
+        if (v_trans) {
+            ggml_tensor * vel  = element_rows(ctx, layer.v);
+            ggml_tensor * rows = ggml_reshape_2d(ctx, ggml_get_rows(ctx, vel, t_vsrc), n_embd_v, n_src);
+            ggml_tensor * mv   = ggml_merge_rows(ctx, rows, t_iota, wv, t_offs, n_head, a.flags_v);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, vel, ggml_reshape_2d(ctx, mv, 1, a.n_group * n_embd_v), t_vdst));
+        } else {
+            ggml_tensor * v2d = ggml_reshape_2d(ctx, layer.v, layer.v->ne[0], layer.v->ne[1] * layer.v->ne[2]);
+            ggml_tensor * mv  = ggml_merge_rows(ctx, v2d, t_src, wv, t_offs, n_head, a.flags_v);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, v2d, mv, t_dst));
+        }
+    }
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "merge: could not allocate the graph");
+    }
+
+    std::vector<int32_t> src_rows(n_src), dst_rows(a.n_group);
+    for (int32_t j = 0; j < n_src; ++j) {
+        src_rows[j] = (int32_t) sv.row(a.src[j]);
+    }
+    for (int32_t g = 0; g < a.n_group; ++g) {
+        dst_rows[g] = (int32_t) sv.row(a.dst[g]);
+    }
+    ggml_backend_tensor_set(t_src, src_rows.data(), 0, ggml_nbytes(t_src));
+    ggml_backend_tensor_set(t_dst, dst_rows.data(), 0, ggml_nbytes(t_dst));
+    ggml_backend_tensor_set(t_offs, a.offs, 0, ggml_nbytes(t_offs));
+
+    // equal weights within each group when none are given
+    std::vector<float> uniform;
+    if (!a.w_k || !a.w_v) {
+        uniform.resize((size_t) n_layer * n_src * n_head);
+        for (int32_t il = 0; il < n_layer; ++il) {
+            for (int32_t g = 0; g < a.n_group; ++g) {
+                const float w = 1.0f / (float) (a.offs[g + 1] - a.offs[g]);
+                for (int32_t j = a.offs[g]; j < a.offs[g + 1]; ++j) {
+                    for (int32_t h = 0; h < n_head; ++h) {
+                        uniform[((size_t) il * n_src + j) * n_head + h] = w;
+                    }
+                }
+            }
+        }
+    }
+    ggml_backend_tensor_set(t_wk, a.w_k ? a.w_k : uniform.data(), 0, ggml_nbytes(t_wk));
+    ggml_backend_tensor_set(t_wv, a.w_v ? a.w_v : uniform.data(), 0, ggml_nbytes(t_wv));
+
+    if (v_trans) {
+        const int64_t base = sv.stream * sv.kv_size * n_embd_v;
+        std::vector<int32_t> vs(n_src * n_embd_v), vd(a.n_group * n_embd_v), iota(n_src);
+        for (int32_t j = 0; j < n_src; ++j) {
+            iota[j] = j;
+            for (int64_t e = 0; e < n_embd_v; ++e) {
+                vs[j * n_embd_v + e] = (int32_t) (base + e * sv.kv_size + a.src[j]);
+            }
+        }
+        for (int32_t g = 0; g < a.n_group; ++g) {
+            for (int64_t e = 0; e < n_embd_v; ++e) {
+                vd[g * n_embd_v + e] = (int32_t) (base + e * sv.kv_size + a.dst[g]);
+            }
+        }
+        ggml_backend_tensor_set(t_vsrc, vs.data(), 0, ggml_nbytes(t_vsrc));
+        ggml_backend_tensor_set(t_vdst, vd.data(), 0, ggml_nbytes(t_vdst));
+        ggml_backend_tensor_set(t_iota, iota.data(), 0, ggml_nbytes(t_iota));
+    }
+
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "merge: graph compute failed");
+    }
+    ggml_backend_sched_synchronize(sched);
+
+    // the merged rows are in place: free the other members, give the destination its bias and span
+    for (int32_t g = 0; g < a.n_group; ++g) {
+        for (int32_t j = a.offs[g]; j < a.offs[g + 1]; ++j) {
+            if (a.src[j] != a.dst[g]) {
+                cells.rm(a.src[j]);
+            }
+        }
+        const llama_pos p = cells.pos_get(a.dst[g]);
+        cells.merge_set(a.dst[g], { a.bias[g], p - a.span[2 * g], a.span[2 * g + 1] - p });
+    }
+    err.clear();
+    return 0;
+}
+
+static void copy_err(const std::string & msg, char * err, size_t err_size) {
+    if (err && err_size > 0) {
+        snprintf(err, err_size, "%s", msg.c_str());
+    }
+}
+
+int32_t llama_edgemerge_kv_shape(llama_context * ctx, int32_t * n_layer, int32_t * n_head_kv, int32_t * head_dim_k,
+                                 int32_t * head_dim_v, int32_t * n_cells, int32_t * layer_ids,
+                                 int32_t layer_ids_capacity) {
+    if (ctx == nullptr) {
+        return LLAMA_EDGEMERGE_KV_ERR_ARG;
+    }
+    const llama_kv_cache * kv = llama_edgemerge_kv(ctx);
+    if (kv == nullptr) {
+        return LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+    }
+    return kv->edgemerge_shape(n_layer, n_head_kv, head_dim_k, head_dim_v, n_cells, layer_ids, layer_ids_capacity);
+}
+
+int32_t llama_edgemerge_kv_features(llama_context * ctx, llama_seq_id seq_id, int32_t n_cells, const uint32_t * cells,
+                                    bool centre, float * k_sim, float * k_norm, float * v_norm, char * err,
+                                    size_t err_size) {
+    std::string msg = "features: ctx is NULL or its memory is not a KV cache";
+    int32_t rc = LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+    const llama_kv_cache * kv = ctx ? llama_edgemerge_kv(ctx) : nullptr;
+    if (kv) {
+        const llama_kv_cache::edgemerge_feature_args args{ seq_id, n_cells, cells, centre, k_sim, k_norm, v_norm };
+        rc = kv->edgemerge_features(ctx, args, msg);
+    }
+    copy_err(msg, err, err_size);
+    return rc;
+}
+
+int32_t llama_edgemerge_kv_merge(llama_context * ctx, llama_seq_id seq_id, int32_t n_group, const uint32_t * dst,
+                                 const int32_t * offs, const uint32_t * src, const float * w_k, const float * w_v,
+                                 const float * bias, const llama_pos * span, int32_t flags_k, int32_t flags_v,
+                                 char * err, size_t err_size) {
+    std::string msg = "merge: ctx is NULL or its memory is not a KV cache";
+    int32_t rc = LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+    llama_kv_cache * kv = ctx ? llama_edgemerge_kv(ctx) : nullptr;
+    if (kv) {
+        const llama_kv_cache::edgemerge_merge_args args{ seq_id, n_group, dst, offs, src, w_k, w_v, bias, span,
+                                                         flags_k, flags_v };
+        rc = kv->edgemerge_merge(ctx, args, msg);
+    }
+    copy_err(msg, err, err_size);
+    return rc;
+}
