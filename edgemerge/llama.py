@@ -1,0 +1,267 @@
+"""`edgemerge.Llama`: llama-cpp-python's `Llama` with a KV cache that stays in budget.
+
+With ``merge=None`` it is ``llama_cpp.Llama`` unchanged (running on edgemerge's
+patched library). With ``merge=MergeSettings(...)``:
+
+- the physical cache is ``n_ctx`` cells, and the *logical* context (token
+  positions, ``input_ids``) may grow up to ``n_ctx_logical`` (default: the
+  model's trained context);
+- before every chunk of evaluation (prefill is chunked by ``n_batch``, decode is
+  one token at a time), if the sequence would pass its budget plus ``slack``,
+  the planner (:mod:`edgemerge.planner`) merges cells inside the cache
+  (:mod:`edgemerge.kvmerge`) until the chunk fits in the budget, evicting only
+  when merging cannot;
+- prefix reuse across calls respects merged spans: when a call rewinds to a
+  position inside a merged cell's span, the rewind moves back to the span's start
+  and the tokens after it are evaluated again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from edgemerge import kvcells, kvmerge
+from edgemerge.models import resolve_model
+from edgemerge.planner import BlockMergePlanner
+from edgemerge.reference.ggml_quants import row_bytes
+from edgemerge.settings import CALIBRATED, MergeSettings, SettingsError
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """Counters of one ``edgemerge.Llama`` since it was created.
+
+    Attributes:
+        cells: cells the sequence occupies now.
+        logical_tokens: tokens of the sequence (positions), merged or not.
+        merges: merge sets applied (each turns several cells into one).
+        cells_merged: cells freed by merging.
+        cells_evicted: cells freed by the eviction fallback.
+        compressions: times the budget was enforced.
+        bytes_per_cell: KV bytes of one cell of the mergeable cache (all layers, K and V).
+        kv_bytes: KV bytes the sequence's cells occupy now.
+        bytes_saved: KV bytes the logical tokens would need beyond ``kv_bytes``.
+        mean_merge_error: mean estimated relative key error of the merge sets applied.
+        merge_time_s: seconds spent planning and merging.
+        eval_time_s: seconds spent evaluating tokens (prefill and decode).
+    """
+
+    cells: int
+    logical_tokens: int
+    merges: int
+    cells_merged: int
+    cells_evicted: int
+    compressions: int
+    bytes_per_cell: int
+    kv_bytes: int
+    bytes_saved: int
+    mean_merge_error: float
+    merge_time_s: float
+    eval_time_s: float
+
+
+class Llama(llama_cpp.Llama):
+    """A drop-in ``llama_cpp.Llama`` whose cache can stay inside a budget.
+
+    Args:
+        model: registry name (``"qwen2.5-coder-0.5b"``) or a GGUF path. ``model_path=``
+            works too, as in ``llama_cpp.Llama``.
+        merge: the merge policy, or None for plain llama-cpp-python behaviour.
+        n_ctx_logical: the longest logical context when merging (default: the model's
+            trained context).
+        **kwargs: everything ``llama_cpp.Llama`` takes (``n_ctx`` is the physical cache).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        merge: MergeSettings | None = None,
+        n_ctx_logical: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        model_path = kwargs.pop("model_path", None)
+        if (model is None) == (model_path is None):
+            raise TypeError("pass the model once: Llama(model) or Llama(model_path=...)")
+        path = resolve_model(model if model is not None else model_path)
+        if merge is not None and not isinstance(merge, MergeSettings):
+            raise TypeError(f"merge must be a MergeSettings or None, not {type(merge).__name__}")
+        if merge is not None and kwargs.get("logits_all"):
+            raise SettingsError(
+                "logits_all=True keeps logits for every logical token, which merging lets grow "
+                "past the cache; use merge=None for logprobs over the whole prompt"
+            )
+        super().__init__(model_path=str(path), **kwargs)
+        self.merge_settings = merge
+        self._planner: BlockMergePlanner | None = None
+        if merge is None:
+            return
+
+        self._shape = kvmerge.kv_shape(self)
+        physical = self.n_ctx()
+        logical = (
+            n_ctx_logical if n_ctx_logical is not None else max(self._model.n_ctx_train(), physical)
+        )
+        if logical < physical:
+            raise SettingsError(
+                f"n_ctx_logical={logical} is below the physical cache n_ctx={physical}"
+            )
+        if isinstance(merge.budget, int) and merge.budget > physical:
+            raise SettingsError(
+                f"budget: {merge.budget} cells do not fit the physical cache n_ctx={physical}; "
+                "lower the budget or raise n_ctx"
+            )
+        room = (merge.budget if isinstance(merge.budget, int) else physical) - self.n_batch
+        if room < merge.protected() + 2:
+            raise SettingsError(
+                f"budget: {merge.budget} leaves {room} cells once a batch of "
+                f"n_batch={self.n_batch} arrives, fewer than sinks + recent = "
+                f"{merge.protected()} + 2; raise the budget "
+                "or n_ctx, or lower n_batch, sinks or recent"
+            )
+        thresholds = None
+        if merge.threshold == CALIBRATED:
+            thresholds = self._calibrated_thresholds(path)
+        self._planner = BlockMergePlanner(merge, self._shape, thresholds)
+        self._n_ctx = logical
+        self.input_ids = np.ndarray((logical,), dtype=np.intc)
+        self._cells = 0
+        self._cache_end = 0
+        self._merges = self._merged = self._evicted = self._compressions = 0
+        self._err_sum = 0.0
+        self._merge_time = self._eval_time = 0.0
+        ctx_params = self.context_params
+        self._bytes_per_cell = self._shape.n_layer * (
+            row_bytes(int(ctx_params.type_k), self._shape.n_head_kv * self._shape.head_dim_k)
+            + row_bytes(int(ctx_params.type_v), self._shape.n_head_kv * self._shape.head_dim_v)
+        )
+
+    def _calibrated_thresholds(self, path: Path) -> np.ndarray:
+        from edgemerge.calibration import read_calibration
+
+        cal = read_calibration(path)
+        if cal is None:
+            raise SettingsError(
+                f"threshold='calibrated' but {path} carries no edgemerge calibration; run "
+                "`edgemerge calibrate` on it, or give a numeric threshold"
+            )
+        layers = np.asarray(self._shape.layer_ids)
+        return np.asarray(cal.thresholds, np.float32)[layers]
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def eval(self, tokens: Any) -> None:
+        if self._planner is None:
+            super().eval(tokens)
+            return
+        tokens = self._rewind_into_spans(list(tokens))
+        t0 = time.perf_counter()
+        if self.n_tokens != self._cache_end:
+            # a rewind (prefix reuse, regenerate, reset): recount what the cut leaves
+            self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+            self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
+        for i in range(0, len(tokens), self.n_batch):
+            batch = tokens[i : i + self.n_batch]
+            if self.n_tokens + len(batch) > self._n_ctx:
+                raise ValueError(
+                    f"the logical context is full: {self.n_tokens + len(batch)} tokens exceed "
+                    f"n_ctx_logical={self._n_ctx}"
+                )
+            self._make_room(len(batch))
+            super().eval(batch)
+            self._cells += len(batch)
+        self._cache_end = self.n_tokens
+        self._eval_time += time.perf_counter() - t0
+
+    def _rewind_into_spans(self, tokens: list[int]) -> list[int]:
+        """Move a rewind back to the start of any merged span it cuts, re-evaluating after it."""
+        if self.n_tokens >= self._cache_end:
+            return tokens
+        cells = kvcells.list_cells(self)
+        cut = self.n_tokens
+        straddle = (cells.span_min < cut) & (cells.span_max >= cut)
+        if not straddle.any():
+            return tokens
+        keep = int(cells.span_min[straddle].min())
+        replay = [int(t) for t in self.input_ids[keep:cut]]
+        self.n_tokens = keep
+        return replay + tokens
+
+    def _make_room(self, incoming: int) -> None:
+        s = self.merge_settings
+        physical = self.n_ctx()
+        budget = min(s.budget_cells(self.n_tokens + incoming), physical)
+        if self._cells + incoming <= min(budget + s.slack, physical):
+            return
+        target = budget - incoming
+        if target < 1 or self._cells < 2:
+            raise SettingsError(
+                f"budget: {budget} cells cannot take a chunk of {incoming} tokens; raise the "
+                "budget or lower n_batch"
+            )
+        self._compress(target)
+
+    def _compress(self, target: int) -> None:
+        t0 = time.perf_counter()
+        cells = kvcells.list_cells(self)
+        feats = kvmerge.kv_features(self, cells.cell)
+        plan = self._planner.plan(cells, feats, self.n_tokens, target)
+        s = self.merge_settings
+        if plan.groups.n_group:
+            kvmerge.kv_merge(self, plan.groups, magnitude=s.magnitude)
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        for lo, hi in plan.evict_spans.tolist():
+            llama_cpp.llama_memory_seq_rm(mem, 0, lo, hi + 1)
+        n_freed = int(plan.groups.offsets[-1]) - plan.groups.n_group if plan.groups.n_group else 0
+        self._merges += plan.groups.n_group
+        self._merged += n_freed
+        self._evicted += len(plan.evict_spans)
+        self._err_sum += float(plan.errors.sum())
+        self._compressions += 1
+        self._cells = len(kvcells.list_cells(self))
+        self._merge_time += time.perf_counter() - t0
+
+    # -- reporting and state -------------------------------------------------------------
+
+    def merge_stats(self) -> MergeStats:
+        """Counters of merging so far (see :class:`MergeStats`)."""
+        if self._planner is None:
+            raise SettingsError("merge_stats() needs merging on: pass merge=MergeSettings(...)")
+        cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
+        kv = cells * self._bytes_per_cell
+        return MergeStats(
+            cells=cells,
+            logical_tokens=self.n_tokens,
+            merges=self._merges,
+            cells_merged=self._merged,
+            cells_evicted=self._evicted,
+            compressions=self._compressions,
+            bytes_per_cell=self._bytes_per_cell,
+            kv_bytes=kv,
+            bytes_saved=max(0, self.n_tokens * self._bytes_per_cell - kv),
+            mean_merge_error=self._err_sum / self._merges if self._merges else 0.0,
+            merge_time_s=self._merge_time,
+            eval_time_s=self._eval_time,
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        if self._planner is not None:
+            self._cache_end = 0
+            self._cells = 0
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        if self._planner is not None and len(state.input_ids) != len(self.input_ids):
+            raise ValueError(
+                f"this state holds {len(state.input_ids)} logical positions; this Llama has "
+                f"{len(self.input_ids)} (n_ctx_logical): load it into a Llama built the same way"
+            )
+        super().load_state(state)
+        if self._planner is not None:
+            self._cache_end = self.n_tokens

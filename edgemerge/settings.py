@@ -1,0 +1,164 @@
+"""`MergeSettings`: the one description of how edgemerge keeps a KV cache in budget.
+
+The same frozen object is used by the Python API (``edgemerge.Llama(merge=...)``),
+the CLI (one flag per field, generated from this class), and the GGUF
+calibration metadata (``edgemerge.merge.*`` keys). It is validated once, when
+built; every error names the field and the allowed range. Unknown keys are
+rejected when building from a dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Eviction = Literal["position", "none"]
+CALIBRATED = "calibrated"
+LATTER_HALF = "latter_half"
+
+
+class SettingsError(ValueError):
+    """A merge setting is out of range; the message names the field and the range."""
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How the KV cache is kept inside its budget.
+
+    Attributes:
+        budget: cells a sequence may occupy. An int is an absolute cell count (>= 1); a
+            float in (0, 1] is a fraction of the logical context so far.
+        block_size: tokens per block; only sealed (full) blocks are merge candidates.
+        sinks: leading tokens (attention sinks) that are never merged.
+        recent: most recent tokens that are never merged.
+        threshold: centred adjacent-key cosine similarity at which neighbours may merge,
+            in [-1, 1], or "calibrated" for per-layer thresholds stored in the GGUF by
+            ``edgemerge calibrate``. When the budget needs more, it relaxes.
+        similarity_layers: cache layers whose similarity counts: "latter_half" or a tuple
+            of cache-layer indices.
+        retain_top: fraction of the merge candidates kept verbatim because they carry the
+            most attention-mass proxy (key norm distinctiveness), in [0, 1).
+        sigma: Gaussian-kernel width relative to the mean key distance inside a set
+            (> 0), for the merge weights around the pivot.
+        magnitude: merge directions and norms separately (magnitude retention).
+        attention_bias: give a merged cell log(members) as attention bias.
+        slack: cells past the budget tolerated before a merge runs (amortises planning).
+        max_merge_error: largest relative key reconstruction error a merge set may have;
+            larger sets are split, not merged. In (0, 2].
+        eviction: what happens when merging alone cannot meet the budget: "position"
+            evicts the oldest unprotected cells; "none" raises an error instead.
+    """
+
+    budget: int | float = 0.5
+    block_size: int = 16
+    sinks: int = 16
+    recent: int = 256
+    threshold: float | str = 0.5
+    similarity_layers: str | tuple[int, ...] = LATTER_HALF
+    retain_top: float = 0.05
+    sigma: float = 1.0
+    magnitude: bool = True
+    attention_bias: bool = True
+    slack: int = 64
+    max_merge_error: float = 0.6
+    eviction: Eviction = "position"
+
+    def __post_init__(self) -> None:
+        _check_budget(self.budget)
+        _check_int("block_size", self.block_size, 1, 4096)
+        _check_int("sinks", self.sinks, 0, 1 << 20)
+        _check_int("recent", self.recent, 0, 1 << 20)
+        if isinstance(self.threshold, str):
+            if self.threshold != CALIBRATED:
+                raise SettingsError(
+                    f"threshold: {self.threshold!r} is not a number in [-1, 1] or 'calibrated'"
+                )
+        else:
+            _check_float("threshold", self.threshold, -1.0, 1.0)
+        if isinstance(self.similarity_layers, str):
+            if self.similarity_layers != LATTER_HALF:
+                raise SettingsError(
+                    f"similarity_layers: {self.similarity_layers!r} is not 'latter_half' or a "
+                    "tuple of cache-layer indices"
+                )
+        else:
+            layers = tuple(self.similarity_layers)
+            if not layers or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers
+            ):
+                raise SettingsError(
+                    f"similarity_layers: {self.similarity_layers!r} must be a non-empty tuple of "
+                    "layer indices >= 0"
+                )
+            object.__setattr__(self, "similarity_layers", layers)
+        _check_float("retain_top", self.retain_top, 0.0, 1.0, hi_open=True)
+        _check_float("sigma", self.sigma, 0.0, 1e6, lo_open=True)
+        _check_bool("magnitude", self.magnitude)
+        _check_bool("attention_bias", self.attention_bias)
+        _check_int("slack", self.slack, 0, 1 << 20)
+        _check_float("max_merge_error", self.max_merge_error, 0.0, 2.0, lo_open=True)
+        if self.eviction not in ("position", "none"):
+            raise SettingsError(f"eviction: {self.eviction!r} is not 'position' or 'none'")
+
+    def budget_cells(self, logical_tokens: int) -> int:
+        """The cell budget for a sequence of ``logical_tokens`` tokens."""
+        if isinstance(self.budget, float):
+            return max(1, math.floor(self.budget * logical_tokens))
+        return self.budget
+
+    def protected(self) -> int:
+        """Cells that are never merged: sinks plus the recent window."""
+        return self.sinks + self.recent
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(self.similarity_layers, tuple):
+            d["similarity_layers"] = list(self.similarity_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MergeSettings:
+        """Build from a dict; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError(
+                f"unknown merge setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        d = dict(data)
+        if isinstance(d.get("similarity_layers"), list):
+            d["similarity_layers"] = tuple(d["similarity_layers"])
+        return cls(**d)
+
+
+def _check_budget(v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SettingsError(f"budget: {v!r} must be a cell count >= 1 or a fraction in (0, 1]")
+    if isinstance(v, int):
+        if v < 1:
+            raise SettingsError(f"budget: {v} cells is impossible; use a cell count >= 1")
+        return
+    if not math.isfinite(v) or not 0.0 < v <= 1.0:
+        raise SettingsError(f"budget: {v!r} is not a fraction in (0, 1] (or an int cell count)")
+
+
+def _check_int(name: str, v: object, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise SettingsError(f"{name}: {v!r} must be an integer in [{lo}, {hi}]")
+
+
+def _check_float(
+    name: str, v: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise SettingsError(f"{name}: {v!r} must be a finite number in {rng}")
+
+
+def _check_bool(name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise SettingsError(f"{name}: {v!r} must be true or false")
