@@ -136,6 +136,10 @@ class Llama(llama_cpp.Llama):
         self._merges = self._merged = self._evicted = self._compressions = 0
         self._err_sum = 0.0
         self._merge_time = self._eval_time = 0.0
+        self._merged_upto = 0  # every merged span ends before this position
+        self._replay_from = 1 << 62
+        self._seq_rm = self._ctx.kv_cache_seq_rm
+        self._ctx.kv_cache_seq_rm = self._span_aware_seq_rm
         ctx_params = self.context_params
         self._bytes_per_cell = self._shape.n_layer * (
             row_bytes(int(ctx_params.type_k), self._shape.n_head_kv * self._shape.head_dim_k)
@@ -160,11 +164,12 @@ class Llama(llama_cpp.Llama):
         if self._planner is None:
             super().eval(tokens)
             return
-        tokens = self._rewind_into_spans(list(tokens))
         t0 = time.perf_counter()
         if self.n_tokens != self._cache_end:
-            # a rewind (prefix reuse, regenerate, reset): recount what the cut leaves
+            # a rewind (prefix reuse, regenerate, reset): cut there, then recount
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        tokens = self._replay_cut_spans(list(tokens))
+        if self.n_tokens != self._cache_end:
             self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
         for i in range(0, len(tokens), self.n_batch):
             batch = tokens[i : i + self.n_batch]
@@ -179,18 +184,28 @@ class Llama(llama_cpp.Llama):
         self._cache_end = self.n_tokens
         self._eval_time += time.perf_counter() - t0
 
-    def _rewind_into_spans(self, tokens: list[int]) -> list[int]:
-        """Move a rewind back to the start of any merged span it cuts, re-evaluating after it."""
-        if self.n_tokens >= self._cache_end:
+    def _span_aware_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        """llama-cpp-python's tail cut, remembering where a cut merged cell began.
+
+        Cutting at ``p0`` removes every cell whose span reaches ``p0`` (patch 0003), so a
+        merged cell straddling the cut takes positions before ``p0`` with it; the next
+        :meth:`eval` evaluates those again.
+        """
+        if p0 < self._merged_upto and (p1 is None or p1 < 0):
+            cells = kvcells.list_cells(self)
+            straddle = (cells.span_min < p0) & (cells.span_max >= p0)
+            if straddle.any():
+                self._replay_from = min(self._replay_from, int(cells.span_min[straddle].min()))
+        return self._seq_rm(seq_id, p0, p1)
+
+    def _replay_cut_spans(self, tokens: list[int]) -> list[int]:
+        start = self._replay_from
+        self._replay_from = 1 << 62
+        if start >= self.n_tokens:
             return tokens
-        cells = kvcells.list_cells(self)
-        cut = self.n_tokens
-        straddle = (cells.span_min < cut) & (cells.span_max >= cut)
-        if not straddle.any():
-            return tokens
-        keep = int(cells.span_min[straddle].min())
-        replay = [int(t) for t in self.input_ids[keep:cut]]
-        self.n_tokens = keep
+        replay = [int(t) for t in self.input_ids[start : self.n_tokens]]
+        self._ctx.kv_cache_seq_rm(-1, start, -1)
+        self.n_tokens = start
         return replay + tokens
 
     def _make_room(self, incoming: int) -> None:
@@ -219,6 +234,8 @@ class Llama(llama_cpp.Llama):
         for lo, hi in plan.evict_spans.tolist():
             llama_cpp.llama_memory_seq_rm(mem, 0, lo, hi + 1)
         n_freed = int(plan.groups.offsets[-1]) - plan.groups.n_group if plan.groups.n_group else 0
+        if plan.groups.n_group:
+            self._merged_upto = max(self._merged_upto, int(plan.groups.span[:, 1].max()) + 1)
         self._merges += plan.groups.n_group
         self._merged += n_freed
         self._evicted += len(plan.evict_spans)
@@ -249,6 +266,11 @@ class Llama(llama_cpp.Llama):
             merge_time_s=self._merge_time,
             eval_time_s=self._eval_time,
         )
+
+    def close(self) -> None:
+        # __init__ may stop (bad settings, missing model) before llama_cpp.Llama set it up
+        if hasattr(self, "_stack"):
+            super().close()
 
     def reset(self) -> None:
         super().reset()
