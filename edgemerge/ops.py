@@ -28,6 +28,7 @@ def merge_rows(
     magnitude: bool = True,
     slerp: bool = True,
     backend: str = "CPU",
+    _n_iter: int = 0,
 ) -> np.ndarray:
     """Run ``GGML_OP_MERGE_ROWS`` once on ``backend``.
 
@@ -73,20 +74,40 @@ def merge_rows(
     out = np.empty((n_group, n_embd), dtype=np.float32)
     ffi = native.ffi()
     flags = (MERGE_MAGNITUDE if magnitude else 0) | (MERGE_SLERP if slerp else 0)
-    status = native.lib().edgemerge_merge_rows(
-        backend.encode(),
-        t.type_id,
-        ffi.from_buffer(raw),
-        n_embd,
-        raw.shape[0],
-        ffi.from_buffer("int32_t[]", idx),
-        len(idx),
-        ffi.from_buffer("float[]", weights),
-        ffi.from_buffer("int32_t[]", offsets),
-        n_group,
-        n_head,
-        flags,
-        ffi.from_buffer("float[]", out, require_writable=True),
+    return _run(
+        native.lib().edgemerge_merge_rows,
+        (
+            backend.encode(),
+            t.type_id,
+            ffi.from_buffer(raw),
+            n_embd,
+            raw.shape[0],
+            ffi.from_buffer("int32_t[]", idx),
+            len(idx),
+            ffi.from_buffer("float[]", weights),
+            ffi.from_buffer("int32_t[]", offsets),
+            n_group,
+            n_head,
+            flags,
+            ffi.from_buffer("float[]", out, require_writable=True),
+        ),
+        out,
+        _n_iter,
     )
-    native.check(status)
-    return out
+
+
+def _run(fn, args: tuple, out: np.ndarray, n_iter: int):  # noqa: ANN001, ANN202
+    if n_iter <= 0:
+        native.check(fn(*args))
+        return out
+    secs = native.ffi().new("double *")
+    native.check(native.lib().edgemerge_merge_rows_bench(*args, n_iter, secs))
+    return out, float(secs[0])
+
+
+def time_merge_rows(*args, n_iter: int = 10, **kwargs) -> tuple[np.ndarray, float]:  # noqa: ANN002, ANN003
+    """:func:`merge_rows` plus the mean seconds of ``n_iter`` further runs of the compute
+    alone (inputs already on the backend): the kernel benchmark's measurement."""
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    return merge_rows(*args, _n_iter=n_iter, **kwargs)

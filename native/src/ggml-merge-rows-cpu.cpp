@@ -5,8 +5,10 @@
 // The oracle is edgemerge/reference/merge.py (merge_rows); keep the two in step.
 
 #include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
 #include "ggml-impl.h"
 #include "ops.h"
+#include "vec.h"
 
 #include <cmath>
 #include <cstring>
@@ -15,20 +17,27 @@ namespace {
 
 constexpr float kSlerpLinearBelow = 1e-6f;  // sin(omega) under this: nearly parallel, lerp
 
+// the CPU backend's SIMD conversions for f16/bf16; ggml's type traits for the rest
 void load_row(const ggml_tensor * a, int64_t row, float * out) {
     const char * src = (const char *) a->data + row * a->nb[1];
-    if (a->type == GGML_TYPE_F32) {
-        memcpy(out, src, a->ne[0] * sizeof(float));
-    } else {
-        ggml_get_type_traits(a->type)->to_float(src, out, a->ne[0]);
+    switch (a->type) {
+        case GGML_TYPE_F32:
+            memcpy(out, src, a->ne[0] * sizeof(float));
+            break;
+        case GGML_TYPE_F16:
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, out, a->ne[0]);
+            break;
+        case GGML_TYPE_BF16:
+            ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, out, a->ne[0]);
+            break;
+        default:
+            ggml_get_type_traits(a->type)->to_float(src, out, a->ne[0]);
     }
 }
 
 double dot(const float * x, const float * y, int64_t n) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        s += (double) x[i] * (double) y[i];
-    }
+    float s = 0.0f;
+    ggml_vec_dot_f32((int) n, &s, 0, x, 0, y, 0, 1);
     return s;
 }
 
@@ -150,9 +159,7 @@ void ggml_compute_forward_merge_rows(const ggml_compute_params * params, ggml_te
                 const float wj = wt[(int64_t) j * n_head + h];
                 float * o = out + h * hd;
                 if (!magnitude) {
-                    for (int64_t i = 0; i < hd; ++i) {
-                        o[i] += wj * x[i];
-                    }
+                    ggml_vec_mad_f32((int) hd, o, x, wj);
                     continue;
                 }
                 const double n = std::sqrt(dot(x, x, hd));
@@ -160,20 +167,14 @@ void ggml_compute_forward_merge_rows(const ggml_compute_params * params, ggml_te
                     continue;
                 }
                 mag[h] += wj * n;
-                const float s = (float) (wj / n);
-                for (int64_t i = 0; i < hd; ++i) {
-                    o[i] += s * x[i];
-                }
+                ggml_vec_mad_f32((int) hd, o, x, (float) (wj / n));
             }
         }
         if (magnitude) {
             for (int64_t h = 0; h < n_head; ++h) {
                 float * o = out + h * hd;
                 const double dn = std::sqrt(dot(o, o, hd));
-                const float s = dn > 0.0 ? (float) (mag[h] / dn) : 0.0f;
-                for (int64_t i = 0; i < hd; ++i) {
-                    o[i] *= s;
-                }
+                ggml_vec_scale_f32((int) hd, o, dn > 0.0 ? (float) (mag[h] / dn) : 0.0f);
             }
         }
     }

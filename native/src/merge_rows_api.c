@@ -74,10 +74,10 @@ static int validate(int type, int64_t n_embd, int64_t n_rows, const int32_t * id
     return EDGEMERGE_OK;
 }
 
-int edgemerge_merge_rows(const char * backend_name, int type, const void * rows, int64_t n_embd,
-                         int64_t n_rows, const int32_t * idx, int64_t n_src, const float * w,
-                         const int32_t * offs, int64_t n_group, int32_t n_head, int32_t flags,
-                         float * out) {
+static int merge_rows_run(const char * backend_name, int type, const void * rows, int64_t n_embd,
+                          int64_t n_rows, const int32_t * idx, int64_t n_src, const float * w,
+                          const int32_t * offs, int64_t n_group, int32_t n_head, int32_t flags,
+                          float * out, int32_t n_iter, double * seconds_per_iter) {
     if (!backend_name || !rows || !idx || !w || !offs || !out) {
         return edgemerge_fail(EDGEMERGE_EINVAL, "merge_rows: a required pointer is NULL");
     }
@@ -126,7 +126,17 @@ int edgemerge_merge_rows(const char * backend_name, int type, const void * rows,
 
     struct ggml_cgraph * gf = ggml_new_graph(ctx);
     ggml_build_forward_expand(gf, res);
-    if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+    /* one warm-up run, then n_iter timed runs of the compute alone */
+    enum ggml_status st = ggml_backend_graph_compute(backend, gf);
+    const int64_t t0 = ggml_time_us();
+    for (int32_t i = 0; i < n_iter && st == GGML_STATUS_SUCCESS; ++i) {
+        st = ggml_backend_graph_compute(backend, gf);
+    }
+    ggml_backend_synchronize(backend);
+    if (seconds_per_iter && n_iter > 0) {
+        *seconds_per_iter = (double) (ggml_time_us() - t0) * 1e-6 / n_iter;
+    }
+    if (st != GGML_STATUS_SUCCESS) {
         rc = edgemerge_fail(EDGEMERGE_EBACKEND, "merge_rows: graph compute failed on '%s'",
                             backend_name);
     } else {
@@ -138,4 +148,25 @@ done_ctx:
     ggml_free(ctx);
     ggml_backend_free(backend);
     return rc;
+}
+
+int edgemerge_merge_rows(const char * backend_name, int type, const void * rows, int64_t n_embd,
+                         int64_t n_rows, const int32_t * idx, int64_t n_src, const float * w,
+                         const int32_t * offs, int64_t n_group, int32_t n_head, int32_t flags,
+                         float * out) {
+    return merge_rows_run(backend_name, type, rows, n_embd, n_rows, idx, n_src, w, offs, n_group,
+                          n_head, flags, out, 0, NULL);
+}
+
+int edgemerge_merge_rows_bench(const char * backend_name, int type, const void * rows,
+                               int64_t n_embd, int64_t n_rows, const int32_t * idx, int64_t n_src,
+                               const float * w, const int32_t * offs, int64_t n_group,
+                               int32_t n_head, int32_t flags, float * out, int32_t n_iter,
+                               double * seconds_per_iter) {
+    if (n_iter < 1 || seconds_per_iter == NULL) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "merge_rows_bench: need n_iter >= 1 (got %d) and "
+                              "a seconds_per_iter pointer", n_iter);
+    }
+    return merge_rows_run(backend_name, type, rows, n_embd, n_rows, idx, n_src, w, offs, n_group,
+                          n_head, flags, out, n_iter, seconds_per_iter);
 }
