@@ -31,6 +31,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.lib
     import llama_cpp
+    import numpy as np
 
     llm = llama_cpp.Llama(
         model_path=args.model,
@@ -40,14 +41,20 @@ def worker(args: argparse.Namespace) -> None:
         verbose=False,
     )
     tokens = llm.tokenize(TEXT.read_bytes())[: args.prompt_tokens]
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
     t0 = time.perf_counter()
     llm.eval(tokens)
     prefill_s = time.perf_counter() - t0
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tok = greedy()
     t0 = time.perf_counter()
     for _ in range(args.gen_tokens):
         llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = greedy()
     decode_s = time.perf_counter() - t0
     print(
         json.dumps(
@@ -76,7 +83,9 @@ def run_one(lib: str, args: argparse.Namespace) -> dict:
         str(args.threads),
     ]
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker for {lib} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
