@@ -16,7 +16,7 @@ from edgemerge.settings import MergeSettings, SettingsError
 
 # Subcommands whose issues have not landed yet: they say so and exit 2.
 NOT_YET = {
-    "convert": "Hugging Face -> GGUF conversion and merge calibration",
+    "convert": "Hugging Face -> GGUF conversion",
     "bench": "the long-context evaluation suite",
 }
 
@@ -149,6 +149,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgemerge.calibration import CalibrationError, read_calibration, run_calibrate
+
+    try:
+        out = run_calibrate(args.model, args.output, args.text, args.budget, args.tokens)
+    except CalibrationError as exc:
+        raise CliError(str(exc)) from exc
+    cal = read_calibration(out)
+    merged = ", ".join(f"{t:.3f}" for t in cal.thresholds if t == t)
+    print(
+        f"{out}: per-layer thresholds for budget {cal.budget} from {cal.n_tokens} tokens of "
+        f"{cal.text}: {merged}"
+    )
+    return 0
+
+
 def _not_yet(name: str) -> int:
     print(
         f"edgemerge {name}: {NOT_YET[name]} is not available yet in this version.", file=sys.stderr
@@ -200,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="pull again even if present")
     m.set_defaults(func=cmd_models)
+
+    cal = sub.add_parser("calibrate", help="per-layer merge thresholds, stored in a GGUF copy")
+    cal.add_argument("model", help="registry name or GGUF path")
+    cal.add_argument("-o", "--output", required=True, help="the calibrated GGUF to write")
+    cal.add_argument("--text", default=None, help="calibration text (default: system text)")
+    cal.add_argument("--budget", type=float, default=0.5, help="share of cells kept, (0, 1]")
+    cal.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
+    cal.set_defaults(func=cmd_calibrate)
 
     for name, what in NOT_YET.items():
         sp = sub.add_parser(name, help=f"{what} (not available yet)")

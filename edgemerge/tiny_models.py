@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -25,6 +24,8 @@ from typing import Any
 
 import gguf
 import numpy as np
+
+from edgemerge.gguf_meta import read_header
 
 VOCAB_DIR = Path(__file__).resolve().parent / "data" / "vocab"
 
@@ -299,89 +300,6 @@ def _random_tensors(config: TinyModelConfig, n_vocab: int) -> list[tuple[str, np
     return tensors
 
 
-# --- a minimal GGUF metadata reader --------------------------------------------------
-# gguf.GGUFReader builds numpy views for every array item and takes about 7 s on the
-# Qwen2 vocab (300k strings); tests write tiny models often, so read the few fields
-# we need directly. Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
-
-_SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
-    gguf.GGUFValueType.UINT8: "<B",
-    gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I",
-    gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f",
-    gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
-
-
-def _read_gguf_metadata(
-    path: Path,
-) -> list[tuple[str, tuple[gguf.GGUFValueType, Any, Any]]]:
-    """All key/value pairs of a little-endian GGUF v2/v3 file, strings as bytes."""
-    data = path.read_bytes()
-    if data[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (bad magic {data[:4]!r})")
-    (version,) = struct.unpack_from("<I", data, 4)
-    if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-    (n_kv,) = struct.unpack_from("<Q", data, 16)
-    offset = 24
-    entries = []
-    try:
-        for _ in range(n_kv):
-            key, offset = _read_string(data, offset)
-            (raw_type,) = struct.unpack_from("<I", data, offset)
-            vtype = gguf.GGUFValueType(raw_type)
-            offset += 4
-            if vtype == gguf.GGUFValueType.ARRAY:
-                (raw_item_type,) = struct.unpack_from("<I", data, offset)
-                item_type = gguf.GGUFValueType(raw_item_type)
-                value, offset = _read_array(data, offset + 4, item_type)
-                entries.append((key.decode("utf-8"), (vtype, value, item_type)))
-            else:
-                value, offset = _read_scalar(data, offset, vtype)
-                entries.append((key.decode("utf-8"), (vtype, value, None)))
-    except (struct.error, ValueError) as err:
-        raise ValueError(f"{path}: corrupt GGUF metadata ({err})") from err
-    return entries
-
-
-def _read_string(data: bytes, offset: int) -> tuple[bytes, int]:
-    (length,) = struct.unpack_from("<Q", data, offset)
-    start = offset + 8
-    if start + length > len(data):
-        raise ValueError("string runs past the end of the file")
-    return data[start : start + length], start + length
-
-
-def _read_scalar(data: bytes, offset: int, vtype: gguf.GGUFValueType) -> tuple[Any, int]:
-    if vtype == gguf.GGUFValueType.STRING:
-        return _read_string(data, offset)
-    fmt = _SCALAR_FORMATS.get(vtype)
-    if fmt is None:
-        raise ValueError(f"unexpected value type {vtype.name}")
-    (value,) = struct.unpack_from(fmt, data, offset)
-    return value, offset + struct.calcsize(fmt)
-
-
-def _read_array(
-    data: bytes, offset: int, item_type: gguf.GGUFValueType
-) -> tuple[tuple[Any, ...], int]:
-    (count,) = struct.unpack_from("<Q", data, offset)
-    offset += 8
-    if item_type == gguf.GGUFValueType.STRING:
-        items = []
-        for _ in range(count):
-            item, offset = _read_string(data, offset)
-            items.append(item)
-        return tuple(items), offset
-    fmt = _SCALAR_FORMATS.get(item_type)
-    if fmt is None:
-        raise ValueError(f"unexpected array item type {item_type.name}")
-    values = np.frombuffer(data, dtype=np.dtype(fmt), count=count, offset=offset)
-    return tuple(values.tolist()), offset + values.nbytes
+def _read_gguf_metadata(path: Path) -> list[tuple[str, tuple[gguf.GGUFValueType, Any, Any]]]:
+    """All key/value pairs of a GGUF file, strings as bytes (see :mod:`edgemerge.gguf_meta`)."""
+    return list(read_header(path).kvs.items())
