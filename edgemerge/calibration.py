@@ -9,7 +9,11 @@ leaves the fraction of pairs the budget needs above it: with budget ``b``
 (the share of cells kept), a fraction ``1 - b`` of pairs must join, so the
 threshold is the ``b``-quantile of that layer's pair scores. The planner then
 scores a pair by its similarity minus the layer's threshold, averaged over the
-similarity layers (``MergeSettings(threshold="calibrated")``).
+similarity layers (``MergeSettings(threshold="calibrated")``). Averaging per-layer
+offsets shifts every pair by one constant, so what calibration sets is the cut
+(how similar a pair must be before it merges without the budget asking), not the
+order in which pairs merge; docs/convert.md has the measurement against global
+thresholds (``bench/calibration_vs_global.py``).
 
 Metadata, version 1, in a copy of the GGUF (every original key and tensor kept,
 so stock llama.cpp still loads it):
@@ -19,6 +23,11 @@ so stock llama.cpp still loads it):
   for layers that are not merged, e.g. Gemma 3's sliding-window layers)
 - ``edgemerge.calibration.budget`` (float32), ``edgemerge.calibration.n_tokens``
   (uint32), ``edgemerge.calibration.text`` (string: where the text came from)
+- ``edgemerge.calibration.n_head_kv`` (uint32) and ``edgemerge.calibration.head_mean`` /
+  ``head_std`` (float32 arrays, ``n_layer * n_head_kv``, layer-major; NaN for layers
+  that are not merged): mean and standard deviation of each head's centred adjacent
+  similarity on the calibration text, so the file says how similar "similar" is per
+  head, not only where each layer's cut lies
 - ``edgemerge.merge.<field>``: the MergeSettings the calibration assumed
   (``MergeSettings.to_dict``), so the file says how it was meant to be used.
 """
@@ -58,6 +67,9 @@ class Calibration:
         n_tokens: calibration tokens.
         text: what the calibration text was.
         settings: the MergeSettings assumed.
+        head_mean, head_std: float32 [n_layer, n_head_kv] statistics of each head's centred
+            adjacent similarity; NaN rows for layers that are not merged (None when the file
+            predates them).
     """
 
     thresholds: np.ndarray
@@ -65,6 +77,8 @@ class Calibration:
     n_tokens: int
     text: str
     settings: MergeSettings
+    head_mean: np.ndarray | None = None
+    head_std: np.ndarray | None = None
 
 
 def layer_thresholds(similarity: np.ndarray, budget: float) -> np.ndarray:
@@ -102,11 +116,16 @@ def calibrate(
     sim = adjacent_similarity(cap.keys, centre=True)
     per = layer_thresholds(sim, budget)
     n_model_layers = int(cap.layout.n_layer)
+    merged = np.asarray(cap.layers)
     thresholds = np.full(n_model_layers, np.nan, np.float32)
-    thresholds[np.asarray(cap.layers)] = per
+    thresholds[merged] = per
+    head_mean = np.full((n_model_layers, sim.shape[1]), np.nan, np.float32)
+    head_std = np.full_like(head_mean, np.nan)
+    head_mean[merged] = sim.mean(axis=2, dtype=np.float64)
+    head_std[merged] = sim.std(axis=2, dtype=np.float64)
     base = settings or MergeSettings()
     used = dataclasses.replace(base, threshold=CALIBRATED, budget=float(budget))
-    return Calibration(thresholds, float(budget), len(tokens), text, used)
+    return Calibration(thresholds, float(budget), len(tokens), text, used, head_mean, head_std)
 
 
 # -- GGUF metadata -----------------------------------------------------------------------
@@ -140,6 +159,12 @@ def _metadata(cal: Calibration) -> list[bytes]:
         _kv(PREFIX + "calibration.n_tokens", _U32, cal.n_tokens),
         _kv(PREFIX + "calibration.text", _STR, cal.text),
     ]
+    if cal.head_mean is not None and cal.head_std is not None:
+        kvs += [
+            _kv(PREFIX + "calibration.n_head_kv", _U32, cal.head_mean.shape[1]),
+            _kv(PREFIX + "calibration.head_mean", _ARR, cal.head_mean.astype(np.float32).ravel()),
+            _kv(PREFIX + "calibration.head_std", _ARR, cal.head_std.astype(np.float32).ravel()),
+        ]
     for name, value in cal.settings.to_dict().items():
         key = PREFIX + "merge." + name
         if isinstance(value, bool):
@@ -214,12 +239,27 @@ def read_calibration(path: str | Path) -> Calibration | None:
             elif isinstance(v, float):
                 v = float(f"{v:.7g}")  # stored as float32
             settings[name] = v
+    thresholds = np.asarray(value("calibration.thresholds"), np.float32)
+    head_mean = head_std = None
+    if PREFIX + "calibration.n_head_kv" in fields:
+        n_head = int(value("calibration.n_head_kv"))
+        shape = (thresholds.shape[0], n_head)
+        head_mean = np.asarray(value("calibration.head_mean"), np.float32)
+        head_std = np.asarray(value("calibration.head_std"), np.float32)
+        if n_head < 1 or head_mean.size != shape[0] * n_head or head_std.size != head_mean.size:
+            raise CalibrationError(
+                f"{path}: calibration head statistics do not match {shape[0]} layers x "
+                f"{n_head} heads; run `edgemerge calibrate` again"
+            )
+        head_mean, head_std = head_mean.reshape(shape), head_std.reshape(shape)
     return Calibration(
-        thresholds=np.asarray(value("calibration.thresholds"), np.float32),
+        thresholds=thresholds,
         budget=float(value("calibration.budget")),
         n_tokens=int(value("calibration.n_tokens")),
         text=str(value("calibration.text")),
         settings=MergeSettings.from_dict(settings),
+        head_mean=head_mean,
+        head_std=head_std,
     )
 
 

@@ -51,6 +51,10 @@ def test_round_trip_through_the_gguf(calibrated, tiny_qwen2_path):
     assert back.n_tokens == 400 and back.text == "GPL-3"
     assert back.settings.threshold == "calibrated"
     assert back.settings == cal.settings
+    np.testing.assert_array_equal(back.head_mean, cal.head_mean)
+    np.testing.assert_array_equal(back.head_std, cal.head_std)
+    assert back.head_mean.shape == (2, 2)  # tiny qwen2: 2 layers x 2 KV heads
+    assert np.all(np.abs(back.head_mean) <= 1) and np.all(back.head_std > 0)
     assert read_calibration(tiny_qwen2_path) is None
     # every original key, tensor info and tensor byte is there
     a, b = read_header(tiny_qwen2_path), read_header(path)
@@ -133,6 +137,11 @@ def _stock_lib() -> Path | None:
 )
 def test_stock_llama_cpp_still_loads_the_calibrated_file(calibrated):
     path, _ = calibrated
+    assert_stock_llama_cpp_loads(path)
+
+
+def assert_stock_llama_cpp_loads(path: Path) -> None:
+    """Stock llama-cpp-python (its own libllama, no edgemerge import) completes with ``path``."""
     code = (
         "import llama_cpp\n"
         f"llm = llama_cpp.Llama({str(path)!r}, n_ctx=64, verbose=False)\n"
@@ -145,3 +154,48 @@ def test_stock_llama_cpp_still_loads_the_calibrated_file(calibrated):
     )
     assert out.returncode == 0, out.stderr
     assert "completion_tokens" in out.stdout
+
+
+def _real_model(name: str) -> Path | None:
+    from edgemerge.models import ModelError, resolve_model
+
+    try:
+        return resolve_model(name)
+    except ModelError:
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _real_model("gemma-3-270m") is None, reason="run `edgemerge models pull gemma-3-270m`"
+)
+def test_real_gemma_thresholds_hold_on_other_text(tmp_path):
+    """Gemma 3 270M: thresholds for its 3 full-attention layers only, and they generalise."""
+    import inspect
+
+    import llama_cpp
+
+    from edgemerge.capture import capture_kv
+    from edgemerge.reference.similarity import adjacent_similarity
+
+    path = _real_model("gemma-3-270m")
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    cal_tokens = vocab.tokenize(TEXT, add_bos=False)[:1024]
+    other = open(inspect.getsourcefile(inspect), "rb").read()
+    held_out = vocab.tokenize(other, add_bos=False)[:1024]
+    cal = calibration.calibrate(path, cal_tokens, budget=0.5, text="GPL-3")
+    merged = np.flatnonzero(np.isfinite(cal.thresholds)).tolist()
+    assert merged == [5, 11, 17]  # the sliding-window layers are never merged
+    assert np.isnan(cal.head_mean[0]).all() and np.isfinite(cal.head_mean[merged]).all()
+    # On held-out text each layer's threshold still splits its pairs roughly in half.
+    sim = adjacent_similarity(capture_kv(str(path), held_out, n_obs=0).keys).mean(axis=1)
+    above = (sim >= cal.thresholds[merged][:, None]).mean(axis=1)
+    assert np.all((above > 0.3) & (above < 0.7)), above
+    out = calibration.write_calibrated(path, tmp_path / "gemma-calibrated.gguf", cal)
+    assert read_calibration(out).thresholds.tolist()[5] == cal.thresholds[5]
+    if _stock_lib() is not None:
+        assert_stock_llama_cpp_loads(out)
+    s = MergeSettings(budget=192, threshold="calibrated", sinks=4, recent=64, slack=16)
+    llm = Llama(str(out), merge=s, n_ctx=512, n_batch=64, verbose=False)
+    llm.eval(held_out[:400])
+    assert llm.merge_stats().cells <= 192 + 16
