@@ -299,3 +299,10 @@ class Llama(llama_cpp.Llama):
         super().load_state(state)
         if self._planner is not None:
             self._cache_end = self.n_tokens
+            # the restored cache may hold merged cells: recount, and know where spans end
+            cells = kvcells.list_cells(self) if self.n_tokens else None
+            self._cells = len(cells) if cells is not None else 0
+            wide = cells.span_max > cells.span_min if cells is not None else None
+            self._merged_upto = (
+                int(cells.span_max[wide].max()) + 1 if wide is not None and wide.any() else 0
+            )
