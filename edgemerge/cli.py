@@ -11,18 +11,43 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgemerge import models
+from edgemerge.convert import ConvertError, add_convert_parser
 from edgemerge.planner import BudgetError
-from edgemerge.settings import MergeSettings, SettingsError
+from edgemerge.settings import LATTER_HALF, MergeSettings, SettingsError
 
 # Subcommands whose issues have not landed yet: they say so and exit 2.
 NOT_YET = {
-    "convert": "Hugging Face -> GGUF conversion",
     "bench": "the long-context evaluation suite",
 }
 
 
 class CliError(Exception):
     """An error to print as one line, without a traceback."""
+
+
+CHAT_DEFAULT_BUDGET = "n_ctx - n_batch - slack"
+# how a setting whose Python value is not a plain number is written as a flag
+CLI_SPELLING = {"similarity_layers": " On the command line: latter_half, or e.g. 12,13,14."}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 def _merge_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,15 +67,17 @@ def _merge_flags(parser: argparse.ArgumentParser) -> None:
                 dest=f"merge_{f.name}",
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=about.get(f.name, ""),
+                help=f"{about.get(f.name, '')} (default {'on' if f.default else 'off'})",
             )
         else:
+            default = CHAT_DEFAULT_BUDGET if f.name == "budget" else f.default
+            spelled = CLI_SPELLING.get(f.name, "")
             group.add_argument(
                 flag,
                 dest=f"merge_{f.name}",
                 default=None,
                 metavar="X",
-                help=f"{about.get(f.name, '')} (default {f.default})",
+                help=f"{about.get(f.name, '')}{spelled} (default {default})",
             )
 
 
@@ -75,6 +102,24 @@ def _number(text: str) -> int | float | str:
             return text
 
 
+def _layer_list(text: str) -> str | tuple[int, ...]:
+    if text == LATTER_HALF:
+        return text
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SettingsError(
+            f"similarity_layers: {text!r} is not {LATTER_HALF!r} or a comma list of cache-layer "
+            "indices such as 12,13,14"
+        ) from None
+
+
+def chat_default_budget(n_ctx: int, n_batch: int, slack: int) -> int:
+    """The budget `edgemerge chat` uses unless told: the physical cache less one batch of
+    prompt and the slack, so that merging keeps every chunk inside the cache."""
+    return n_ctx - min(n_batch, n_ctx) - slack
+
+
 def merge_settings_from_args(args: argparse.Namespace) -> MergeSettings | None:
     """The MergeSettings the flags ask for; None with --no-merge."""
     if args.no_merge:
@@ -84,14 +129,22 @@ def merge_settings_from_args(args: argparse.Namespace) -> MergeSettings | None:
         value = getattr(args, f"merge_{f.name}")
         if value is None:
             continue
-        if f.name == "similarity_layers" and value != "latter_half":
-            value = tuple(int(x) for x in str(value).split(","))
+        if f.name == "similarity_layers":
+            value = _layer_list(value)
         elif isinstance(value, str) and f.name != "eviction":
             value = _number(value)
         given[f.name] = value
-    # chat default: use the cache, leaving room for one batch and the slack
-    slack = given.get("slack", MergeSettings.slack)
-    given.setdefault("budget", max(1, args.n_ctx - args.n_batch - int(slack)))
+    if "budget" not in given:
+        slack = given.get("slack", MergeSettings.slack)
+        if not isinstance(slack, int):
+            return MergeSettings.from_dict(given)  # reports the bad slack
+        budget = chat_default_budget(args.n_ctx, args.n_batch, slack)
+        if budget < 1:
+            raise SettingsError(
+                f"budget: the default, {CHAT_DEFAULT_BUDGET}, is {budget} cells with "
+                f"--n-ctx {args.n_ctx}; raise --n-ctx, lower --n-batch or --slack, or give --budget"
+            )
+        given["budget"] = budget
     return MergeSettings.from_dict(given)
 
 
@@ -122,7 +175,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from edgemerge.chat import ChatSession, run_chat
 
     merge = merge_settings_from_args(args)
-    llm = _load_llm(args, merge)
+    try:
+        llm = _load_llm(args, merge)
+    except SettingsError as exc:
+        if merge is None or args.merge_budget is not None or not str(exc).startswith("budget:"):
+            raise
+        raise SettingsError(
+            f"{exc} (the default budget is {CHAT_DEFAULT_BUDGET} = {merge.budget}; "
+            "set --budget or change those flags)"
+        ) from exc
     session = ChatSession(
         llm,
         system=args.system,
@@ -172,38 +233,57 @@ def _not_yet(name: str) -> int:
     return 2
 
 
+def _chat_epilog() -> str:
+    from edgemerge.chat import COMMANDS
+
+    lines = ["commands during the chat:"]
+    lines += [f"  {cmd:<12} {what}" for cmd, what in COMMANDS.items()]
+    lines.append("Ctrl-C stops the reply being written (twice: at once); Ctrl-D quits.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemerge",
         description="A llama.cpp edge runtime whose KV cache stays inside a memory budget.",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    add_convert_parser(sub)
 
-    chat = sub.add_parser("chat", help="streaming terminal chat")
+    chat = sub.add_parser(
+        "chat",
+        help="streaming terminal chat",
+        description="Chat with a GGUF model past its physical cache: the KV cache stays\n"
+        "inside --budget cells by merging similar neighbouring states.",
+        epilog=_chat_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chat.add_argument(
         "--model",
         "-m",
         default=None,
         help="registry name or GGUF path (default: the registry's default model)",
     )
-    chat.add_argument("--n-ctx", type=int, default=4096, help="physical KV cache cells")
-    chat.add_argument("--n-batch", type=int, default=512, help="prompt tokens per evaluation")
-    chat.add_argument("--threads", "-t", type=int, default=None, help="CPU threads")
+    chat.add_argument("--n-ctx", type=_positive, default=4096, help="physical KV cache cells")
+    chat.add_argument("--n-batch", type=_positive, default=512, help="prompt tokens per evaluation")
+    chat.add_argument("--threads", "-t", type=_positive, default=None, help="CPU threads")
     chat.add_argument(
         "--n-gpu-layers",
         "-ngl",
         type=int,
         default=0,
-        help="layers to offload to the GPU (CUDA builds)",
+        help="layers to offload to the GPU (CUDA builds; -1 = all)",
     )
-    chat.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--max-tokens", type=_positive, default=512, help="longest reply, in tokens")
+    chat.add_argument(
+        "--temperature", type=_non_negative, default=0.7, help="sampling temperature (0 = greedy)"
+    )
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument(
         "--history-dir",
         default=str(models.cache_dir() / "chat-history"),
-        help="where the conversation is saved on exit",
+        help="where the conversation is saved on exit (default: %(default)s)",
     )
     chat.add_argument("--no-history", action="store_true", help="do not save the conversation")
     _merge_flags(chat)
@@ -238,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model = models.load_registry().default
     try:
         return args.func(args)
-    except (CliError, models.ModelError, SettingsError, BudgetError) as exc:
+    except (CliError, models.ModelError, SettingsError, BudgetError, ConvertError) as exc:
         print(f"edgemerge: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

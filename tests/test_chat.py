@@ -1,22 +1,41 @@
-"""`edgemerge chat` as a user meets it: a real terminal (tmux), pipes, real files."""
+"""`edgemerge chat` as a user meets it: a real terminal (tmux), pipes, real files; and the
+chat session in-process on a real tiny model."""
 
 from __future__ import annotations
 
-import json
+import io
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
+from edgemerge import Llama, MergeSettings, kvcells
+from edgemerge.chat import (
+    ChatFileError,
+    ChatSession,
+    StopOnInterrupt,
+    cache_file,
+    read_messages,
+    run_chat,
+    save_history,
+)
 from tests_support import package_env
 
-LONG = " ".join(open("/usr/share/common-licenses/GPL-3").read().split()[:120])
+WORDS = open("/usr/share/common-licenses/GPL-3").read().split()
+LONG = " ".join(WORDS[:120])  # about 150 tokens: a few of these outgrow a 256-cell cache
+N_CTX = 256
+SETTINGS = MergeSettings(budget=208, recent=32, sinks=4, block_size=8, slack=16)
 SMALL_CACHE = [
     "--n-ctx",
-    "256",
+    str(N_CTX),
     "--n-batch",
     "32",
     "--recent",
@@ -28,6 +47,9 @@ SMALL_CACHE = [
     "--slack",
     "16",
 ]
+# "[871 tokens in 224 cells, KV 0.1 MB, 69 merges]"
+PROMPT = r"(?m)^> ?$"  # capture-pane drops the trailing space of "> "
+STATUS = re.compile(r"\[(\d+) tokens in (\d+) cells, KV (\d+\.\d) MB, (\d+) merges\]")
 
 
 def chat(model, *extra: str, stdin: str, tmp_path) -> subprocess.CompletedProcess:
@@ -53,114 +75,278 @@ def chat(model, *extra: str, stdin: str, tmp_path) -> subprocess.CompletedProces
     )
 
 
+def statuses(stdout: str) -> list[tuple[int, int, float, int]]:
+    """(tokens, cells, MB, merges) of every status line."""
+    return [(int(t), int(c), float(mb), int(m)) for t, c, mb, m in STATUS.findall(stdout)]
+
+
+def load(path, merge=SETTINGS, n_ctx=N_CTX) -> Llama:
+    return Llama(
+        str(path),
+        merge=merge,
+        n_ctx=n_ctx,
+        n_batch=32,
+        n_threads=1,
+        n_threads_batch=1,
+        seed=3,
+        verbose=False,
+    )
+
+
+# -- the command, through pipes --------------------------------------------------------
+
+
 def test_a_conversation_longer_than_the_cache_completes_with_merging(tiny_qwen2_path, tmp_path):
-    turns = "".join(f"{LONG} ({i})\n" for i in range(6)) + "/stats\n/exit\n"
+    turns = "".join(f"{LONG} ({i})\n" for i in range(7)) + "/stats\n/exit\n"
     out = chat(tiny_qwen2_path, *SMALL_CACHE, "--max-tokens", "8", stdin=turns, tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
-    statuses = [
-        line for line in out.stdout.splitlines() if line.startswith("[") and "cells" in line
-    ]
-    assert len(statuses) == 6
-    last = statuses[-1]  # "[N tokens in C cells, KV x MB, M merges]"
-    tokens, cells = int(last[1:].split()[0]), int(last.split(" in ")[1].split()[0])
-    assert tokens > 4 * 256 and cells <= 256
-    assert "logical_tokens:" in out.stdout and "cells_merged:" in out.stdout
+    seen = statuses(out.stdout)
+    assert len(seen) == 7
+    tokens, cells, _, merges = seen[-1]
+    assert tokens > 4 * N_CTX and cells <= N_CTX and merges > 0
+    assert all(c <= N_CTX for _, c, _, _ in seen)
+    assert [t for t, _, _, _ in seen] == sorted(t for t, _, _, _ in seen)
+    assert f"logical_tokens: {tokens}" in out.stdout and f"cells: {cells}" in out.stdout
     (saved,) = (tmp_path / "history").glob("*.json")
-    messages = json.loads(saved.read_text())["messages"]
-    assert [m["role"] for m in messages].count("user") == 6
+    assert f"conversation saved to {saved}" in out.stderr
+    messages = read_messages(saved)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 7
+    assert messages[0]["content"] == f"{LONG} (0)"
 
 
-def test_without_merging_a_full_context_is_a_clear_error_not_a_traceback(tiny_qwen2_path, tmp_path):
+def test_without_merging_a_full_context_is_a_one_line_error(tiny_qwen2_path, tmp_path):
     turns = "".join(f"{LONG} ({i})\n" for i in range(6)) + "/exit\n"
     out = chat(
         tiny_qwen2_path,
         "--no-merge",
         "--n-ctx",
-        "256",
+        str(N_CTX),
         "--max-tokens",
         "8",
         stdin=turns,
         tmp_path=tmp_path,
     )
-    assert out.returncode == 0
-    assert "exceed context window" in out.stderr
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("edgemerge: error:")]
+    assert len(errors) == 1 and "exceed context window" in errors[0], out.stderr
+    assert "--no-merge" in errors[0]
+    assert "no merging" in out.stdout  # the turn that fitted got its status line
+    # the conversation is kept, without the turn that did not fit
+    (saved,) = (tmp_path / "history").glob("*.json")
+    assert [m["role"] for m in read_messages(saved)] == ["user", "assistant"]
+
+
+def test_bad_merge_setting_is_one_line_naming_the_field(tiny_qwen2_path, tmp_path):
+    out = chat(tiny_qwen2_path, "--block-size", "0", stdin="", tmp_path=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "edgemerge: error: block_size: 0 must be an integer in [1, 4096]"
+    ]
+    out = chat(tiny_qwen2_path, "--n-ctx", "600", stdin="", tmp_path=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("edgemerge: error: budget:")
+    assert "default budget is n_ctx - n_batch - slack" in out.stderr
+
+
+def test_slash_commands_budget_save_reset_load(tiny_qwen2_path, tmp_path):
+    conv = tmp_path / "conv.json"
+    script = "".join(f"{LONG} ({i})\n" for i in range(3))
+    script += f"/budget 120\n{LONG} (3)\n/save {conv}\n/reset\n/stats\n"
+    script += f"/load {conv}\nshort\n/budget abc\n/budget\n/save\n/nonsense\n/exit\n"
+    out = chat(tiny_qwen2_path, *SMALL_CACHE, "--max-tokens", "4", stdin=script, tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "(budget is now 120)" in out.stdout
+    seen = statuses(out.stdout)
+    assert len(seen) == 5
+    # the new budget holds from the next turn on, and again after the restored cache
+    assert seen[3][1] <= 120 + 16 and seen[4][1] <= 120 + 16
+    assert "(conversation cleared)" in out.stdout
+    assert "logical_tokens: 0" in out.stdout  # /stats after /reset
+    assert f"(loaded {conv}: 4 turns, cache restored ({seen[3][0]} tokens))" in out.stdout
+    assert seen[4][0] > seen[3][0]  # the turn after /load went on from the restored cache
+    assert conv.exists() and cache_file(conv).exists()
+    assert "edgemerge: error: budget: 'abc' is not a cell count" in out.stderr
+    assert "(budget is 120)" in out.stdout and "(/save needs a file: /save FILE)" in out.stdout
+    assert "(unknown command '/nonsense')" in out.stdout and "/budget X" in out.stdout
     assert "Traceback" not in out.stderr
 
 
-def test_bad_merge_setting_names_the_field(tiny_qwen2_path, tmp_path):
-    out = chat(tiny_qwen2_path, "--block-size", "0", stdin="", tmp_path=tmp_path)
-    assert out.returncode == 1
-    assert "block_size" in out.stderr and "Traceback" not in out.stderr
-    out = chat(tiny_qwen2_path, "--budget", "-3", stdin="", tmp_path=tmp_path)
-    assert out.returncode == 1 and "budget" in out.stderr
+# -- the session, in-process ----------------------------------------------------------
 
 
-def test_slash_commands_save_load_budget_reset(tiny_qwen2_path, tmp_path):
+class CtrlCAfterEachMessage(io.StringIO):
+    """Standard input whose reader presses Ctrl-C (SIGINT to this process) ``delay``
+    seconds after sending each message, while the reply is being generated."""
+
+    def __init__(self, text: str, delay: float):
+        super().__init__(text)
+        self.delay = delay
+        self.timers: list[threading.Timer] = []
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if line.strip() and not line.startswith("/"):
+            timer = threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            self.timers.append(timer)
+        return line
+
+
+def test_ctrl_c_ends_the_reply_at_a_token_and_the_chat_goes_on(tiny_qwen2_path, tmp_path):
+    handler_before = signal.getsignal(signal.SIGINT)
+    llm = load(tiny_qwen2_path)
+    max_tokens = 2000  # far longer than the test waits: only the interrupt ends the replies
+    session = ChatSession(llm, max_tokens=max_tokens, temperature=0.8, seed=1)
+    stdin = CtrlCAfterEachMessage("tell me a long story\n/stats\nand another\n", delay=1.0)
+    out = io.StringIO()
+    t0 = time.monotonic()
+    status = run_chat(session, stdin=stdin, stdout=out, history_dir=tmp_path)
+    for timer in stdin.timers:
+        timer.join()
+    assert status == 0
+    assert time.monotonic() - t0 < 60
+    text = out.getvalue()
+    assert text.count(" [interrupted]") == 2, text[:500]
+    assert "logical_tokens:" in text  # the chat went on after the interrupt
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    assert llm.n_tokens < max_tokens  # both replies together stayed far from the limit
+    # stopped between tokens: the merged cache and its bookkeeping agree
+    stats = llm.merge_stats()
+    assert stats.cells == len(kvcells.list_cells(llm)) <= N_CTX
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_a_stopped_reply_ends_within_one_token(tiny_qwen2_path):
+    llm = load(tiny_qwen2_path)
+    session = ChatSession(llm, max_tokens=500, temperature=0)
+    # asked before each evaluation: the prompt (about 30 tokens), then one token at a time
+    reply = "".join(session.send("hello", should_stop=lambda: llm.n_tokens >= 60))
+    assert llm.n_tokens == 60
+    assert session.messages[-1] == {"role": "assistant", "content": reply}
+    list(session.send("and then?", should_stop=lambda: llm.n_tokens >= 100))
+    assert llm.n_tokens == 100
+    assert llm.merge_stats().cells == len(kvcells.list_cells(llm))
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    handler_before = signal.getsignal(signal.SIGINT)
+    with StopOnInterrupt() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs before this ends
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_saved_cache_loads_only_into_the_same_kind_of_chat(tiny_qwen2_path, tmp_path):
+    a = ChatSession(load(tiny_qwen2_path), max_tokens=4, temperature=0)
+    for i in range(3):
+        list(a.send(f"{LONG} ({i})"))
     conv = tmp_path / "conv.json"
-    script = f"hello\n/save {conv}\n/budget 150\n/reset\n/load {conv}\n/stats\n/nonsense\n/exit\n"
-    out = chat(tiny_qwen2_path, *SMALL_CACHE, "--max-tokens", "4", stdin=script, tmp_path=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert conv.exists() and conv.with_name("conv.json.state").exists()
-    assert "(budget is now 150)" in out.stdout
-    assert "(conversation cleared)" in out.stdout
-    assert "(loaded" in out.stdout
-    assert "/budget X" in out.stdout  # unknown command prints the help
+    a.save(conv)
+
+    same = ChatSession(load(tiny_qwen2_path), max_tokens=4, temperature=0)
+    assert "cache restored" in same.load(conv)
+    assert same.llm.n_tokens == a.llm.n_tokens
+    assert same.llm.merge_stats().cells == a.llm.merge_stats().cells
+    assert same.messages == a.messages
+
+    bigger = ChatSession(load(tiny_qwen2_path, n_ctx=512), max_tokens=4, temperature=0)
+    note = bigger.load(conv)
+    assert "conv.json.kv was saved with n_ctx=256, this chat has 512" in note
+    assert "the next turn evaluates them again" in note
+    assert bigger.messages == a.messages and bigger.llm.n_tokens == 0
+
+    plain = ChatSession(load(tiny_qwen2_path, merge=None, n_ctx=2048), max_tokens=4)
+    assert "n_ctx=256" in plain.load(conv)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("not json", "is not JSON"),
+        ('{"messages": []}', "is not an edgemerge chat file"),
+        ('{"format": "edgemerge-chat", "version": 9, "messages": []}', "has version 9"),
+        (
+            '{"format": "edgemerge-chat", "version": 1, "messages": [{"role": "robot"}]}',
+            "must be a list of",
+        ),
+    ],
+)
+def test_bad_conversation_files_are_refused_with_the_reason(tmp_path, content, message):
+    f = tmp_path / "c.json"
+    f.write_text(content)
+    with pytest.raises(ChatFileError, match=message):
+        read_messages(f)
+
+
+def test_history_never_overwrites_an_earlier_conversation(tiny_qwen2_path, tmp_path):
+    session = ChatSession(load(tiny_qwen2_path), max_tokens=2, temperature=0)
+    assert save_history(session, tmp_path) is None  # nothing said, nothing saved
+    list(session.send("hello"))
+    first, second = save_history(session, tmp_path), save_history(session, tmp_path)
+    assert first != second and first.exists() and second.exists()
+    assert read_messages(first) == read_messages(second) == session.messages
+
+
+# -- a real terminal --------------------------------------------------------------------
 
 
 class Tmux:
-    def __init__(self, command: list[str], env: dict[str, str]):
-        self.name = f"em-{uuid.uuid4().hex[:8]}"
-        exports = " ".join(f"{k}='{v}'" for k, v in env.items() if k in ("PYTHONPATH", "HOME"))
-        subprocess.run(
-            [
-                "tmux",
-                "new-session",
-                "-d",
-                "-s",
-                self.name,
-                "-x",
-                "200",
-                "-y",
-                "50",
-                f"env {exports} {' '.join(command)}",
-            ],
-            check=True,
-        )
+    """One program in a detached tmux session on a private tmux server."""
 
-    def screen(self) -> str:
-        return subprocess.run(
-            ["tmux", "capture-pane", "-p", "-S", "-200", "-t", self.name],
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.server = f"edgemerge-test-{uuid.uuid4().hex[:8]}"
+        self.env = env  # the new server, and so the program, start with this environment
+        self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shlex.join(command))
+        self._tmux("set-option", "-t", "chat", "remain-on-exit", "on")
+
+    def _tmux(self, *args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-L", self.server, *args],
             capture_output=True,
             text=True,
-        ).stdout
-
-    def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
-
-    def wait_for(self, text: str, timeout: float = 60.0, after: int = 0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if text in screen[after:]:
-                return screen
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} did not appear; screen:\n{self.screen()}")
-
-    def alive(self) -> bool:
-        return (
-            subprocess.run(["tmux", "has-session", "-t", self.name], capture_output=True).returncode
-            == 0
+            env=self.env,
+            timeout=30,
+            check=True,
         )
+        return done.stdout
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-J", "-S", "-1000", "-t", "chat")
+
+    def send(self, *keys: str, literal: bool = False) -> None:
+        self._tmux("send-keys", "-t", "chat", *(["-l"] if literal else []), *keys)
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 30.0) -> re.Match:
+        """Poll the screen (from character ``after`` on) until ``pattern`` shows up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.screen()[after:])
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} did not appear; screen:\n{self.screen()}")
+            time.sleep(0.1)
+
+    def exit_status(self) -> int | None:
+        """The program's exit status, None while it runs."""
+        fields = self._tmux(
+            "display-message", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}"
+        ).split()
+        return int(fields[1]) if fields[0] == "1" else None  # no status while alive
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_terminal_session_streams_reports_interrupts_and_exits(tiny_qwen2_path, tmp_path):
     history = tmp_path / "history"
-    cmd = [
+    command = [
         sys.executable,
         "-m",
         "edgemerge",
@@ -172,28 +358,55 @@ def test_terminal_session_streams_reports_interrupts_and_exits(tiny_qwen2_path, 
         "100000",
         "--temperature",
         "0.8",
+        "--seed",
+        "5",
         "--history-dir",
         str(history),
     ]
-    term = Tmux(cmd, package_env())
+    term = Tmux(command, package_env())
     try:
-        term.wait_for("/exit or Ctrl-D to quit")
-        term.wait_for("\n>")
-        term.send("tell me a story", "Enter")
-        time.sleep(1.5)  # a long reply is streaming: interrupt it
-        term.send("C-c")
-        screen = term.wait_for("[interrupted]")
-        assert "MB" in term.wait_for("cells, KV")
-        n = len(screen)
+        term.wait_for(re.escape("/exit or Ctrl-D to quit"))
+        term.wait_for(PROMPT)
+        for turn in range(2):
+            mark = len(term.screen().rstrip())
+            term.send(f"{LONG} ({turn})", literal=True)
+            term.send("Enter")
+            term.wait_for(re.escape(f"({turn})") + r"\n", after=mark)
+            if turn == 0:
+                # the reply streams: its text shows while it is still being generated (it
+                # is 100000 tokens long; only the status line would say it had ended)
+                term.wait_for(re.escape(f"({turn})") + r"\n.*\S", after=mark)
+                assert not STATUS.search(term.screen()[mark:])
+            else:
+                time.sleep(1.0)
+            term.send("C-c")
+            term.wait_for(re.escape(" [interrupted]"), after=mark)
+            found = term.wait_for(STATUS.pattern, after=mark)
+            assert int(found[2]) <= N_CTX  # cells
+            term.wait_for(PROMPT, after=mark)
+        tokens, cells, merges = int(found[1]), int(found[2]), int(found[4])
+        assert tokens > N_CTX and merges > 0, found[0]  # two turns outgrew the cache
+        mark = len(term.screen().rstrip())
         term.send("/stats", "Enter")
-        term.wait_for("logical_tokens:", after=max(0, n - 200))
-        assert term.alive(), "Ctrl-C must stop the reply, not the program"
+        term.wait_for(rf"logical_tokens: {tokens}\b", after=mark)
+        term.wait_for(rf"(?m)^  cells: {cells}$", after=mark)
+        # Ctrl-C at the prompt is not a way out either
+        term.send("C-c")
+        time.sleep(0.5)
+        assert term.exit_status() is None, "Ctrl-C must not end the program"
         term.send("/exit", "Enter")
-        deadline = time.monotonic() + 30
-        while term.alive() and time.monotonic() < deadline:
+        saved = term.wait_for(r"conversation saved to (\S+\.json)")
+        deadline = time.monotonic() + 15
+        while term.exit_status() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not term.alive()
-        (saved,) = history.glob("*.json")
-        assert json.loads(saved.read_text())["messages"][0]["content"] == "tell me a story"
+        assert term.exit_status() == 0
+        (path,) = history.glob("*.json")
+        assert saved[1] == str(path)
+        messages = read_messages(path)
+        assert [m["content"] for m in messages if m["role"] == "user"] == [
+            f"{LONG} (0)",
+            f"{LONG} (1)",
+        ]
+        assert messages[1]["role"] == "assistant" and messages[1]["content"]  # as streamed
     finally:
         term.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from edgemerge import MergeSettings
 from tests_support import package_env
 
 
@@ -28,7 +30,7 @@ def test_help_lists_subcommands():
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("name", ["convert", "bench"])
+@pytest.mark.parametrize("name", ["bench"])
 def test_unavailable_subcommands_say_so(name):
     out = run_cli(name)
     assert out.returncode == 2
@@ -62,7 +64,7 @@ def test_chat_truncated_gguf_is_a_clean_error(tmp_path, tiny_qwen2_path):
     assert "Traceback" not in out.stderr
 
 
-def test_chat_streams_a_reply_and_exits(tiny_qwen2_path):
+def test_chat_streams_a_reply_and_exits(tiny_qwen2_path, tmp_path):
     out = run_cli(
         "chat",
         "--model",
@@ -71,16 +73,22 @@ def test_chat_streams_a_reply_and_exits(tiny_qwen2_path):
         "8",
         "--temperature",
         "0",
+        "--history-dir",
+        str(tmp_path),
         stdin="hello there\n/exit\nnever read\n",
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "the tiny model produced no reply"
     assert "Traceback" not in out.stderr
+    (saved,) = tmp_path.glob("*.json")  # the conversation, saved on /exit
+    assert "hello there" in saved.read_text() and "never read" not in saved.read_text()
 
 
-def test_chat_exits_on_end_of_input(tiny_qwen2_path):
-    out = run_cli("chat", "--model", str(tiny_qwen2_path), "--max-tokens", "4", stdin="")
+def test_chat_exits_on_end_of_input(tiny_qwen2_path, tmp_path):
+    history = ["--history-dir", str(tmp_path)]
+    out = run_cli("chat", "--model", str(tiny_qwen2_path), "--max-tokens", "4", *history, stdin="")
     assert out.returncode == 0, out.stderr
+    assert not list(tmp_path.iterdir())  # nothing said, nothing saved
 
 
 def test_models_list_names_both_models():
@@ -107,7 +115,108 @@ def test_chat_with_default_model_answers():
         "32",
         "--seed",
         "1",
+        "--no-history",
         stdin="What is 7 times 6? Answer with just the number.\n/exit\n",
     )
     assert out.returncode == 0, out.stderr
     assert "42" in out.stdout
+
+
+# -- `edgemerge chat` flags: one per MergeSettings field ---------------------------------
+
+
+def chat_args(*flags: str):
+    from edgemerge.cli import build_parser
+
+    return build_parser().parse_args(["chat", "--model", "m.gguf", *flags])
+
+
+def test_every_merge_setting_has_a_chat_flag():
+    out = run_cli("chat", "--help")
+    assert out.returncode == 0, out.stderr
+    for f in dataclasses.fields(MergeSettings):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out.stdout, f"{flag} is missing from `edgemerge chat --help`"
+        if isinstance(f.default, bool):
+            assert "--no-" + f.name.replace("_", "-") in out.stdout
+    assert "--no-merge" in out.stdout
+
+
+def test_chat_flags_build_the_settings_they_name():
+    from edgemerge.cli import merge_settings_from_args
+
+    given = [
+        "--budget", "300", "--block-size", "8", "--sinks", "4", "--recent", "64",
+        "--threshold", "0.25", "--similarity-layers", "1,3", "--retain-top", "0.1",
+        "--sigma", "2.5", "--no-magnitude", "--no-attention-bias", "--slack", "8",
+        "--max-merge-error", "0.3", "--eviction", "none",
+    ]  # fmt: skip
+    settings = merge_settings_from_args(chat_args(*given))
+    assert settings == MergeSettings(
+        budget=300,
+        block_size=8,
+        sinks=4,
+        recent=64,
+        threshold=0.25,
+        similarity_layers=(1, 3),
+        retain_top=0.1,
+        sigma=2.5,
+        magnitude=False,
+        attention_bias=False,
+        slack=8,
+        max_merge_error=0.3,
+        eviction="none",
+    )
+    # a flag left out keeps the MergeSettings default; the budget's default is the chat's
+    defaults = merge_settings_from_args(chat_args())
+    assert defaults == MergeSettings(budget=4096 - 512 - MergeSettings.slack)
+    small = merge_settings_from_args(
+        chat_args("--n-ctx", "256", "--n-batch", "32", "--slack", "16")
+    )
+    assert small.budget == 256 - 32 - 16 and small.slack == 16
+    assert merge_settings_from_args(chat_args("--budget", "0.5")).budget == 0.5
+    assert merge_settings_from_args(chat_args("--budget", "1.0")).budget == 1.0  # a fraction
+    assert (
+        merge_settings_from_args(chat_args("--threshold", "calibrated")).threshold == "calibrated"
+    )
+    assert merge_settings_from_args(chat_args("--magnitude")).magnitude is True
+    assert merge_settings_from_args(chat_args("--no-merge", "--budget", "5")) is None
+
+
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--budget", "0"], "budget"),
+        (["--budget", "1.5"], "budget"),
+        (["--budget", "lots"], "budget"),
+        (["--block-size", "0"], "block_size"),
+        (["--sinks", "-1"], "sinks"),
+        (["--recent", "2.5"], "recent"),
+        (["--threshold", "1.5"], "threshold"),
+        (["--threshold", "auto"], "threshold"),
+        (["--similarity-layers", "first_half"], "similarity_layers"),
+        (["--similarity-layers", "-1"], "similarity_layers"),
+        (["--retain-top", "1"], "retain_top"),
+        (["--sigma", "0"], "sigma"),
+        (["--slack", "-4"], "slack"),
+        (["--max-merge-error", "5"], "max_merge_error"),
+        (["--eviction", "lru"], "eviction"),
+        (["--n-ctx", "256"], "budget"),  # the default budget would be below one cell
+    ],
+)
+def test_bad_chat_settings_are_one_line_naming_the_field(capsys, flags, field):
+    from edgemerge.cli import main
+
+    assert main(["chat", "--model", "/nonexistent/m.gguf", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"edgemerge: error: {field}: "), err
+
+
+@pytest.mark.parametrize("flag", ["--n-ctx", "--n-batch", "--max-tokens", "--threads"])
+def test_chat_sizes_must_be_positive(capsys, flag):
+    from edgemerge.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
