@@ -112,19 +112,7 @@ class Llama(llama_cpp.Llama):
             raise SettingsError(
                 f"n_ctx_logical={logical} is below the physical cache n_ctx={physical}"
             )
-        if isinstance(merge.budget, int) and merge.budget > physical:
-            raise SettingsError(
-                f"budget: {merge.budget} cells do not fit the physical cache n_ctx={physical}; "
-                "lower the budget or raise n_ctx"
-            )
-        room = (merge.budget if isinstance(merge.budget, int) else physical) - self.n_batch
-        if room < merge.protected() + 2:
-            raise SettingsError(
-                f"budget: {merge.budget} leaves {room} cells once a batch of "
-                f"n_batch={self.n_batch} arrives, fewer than sinks + recent = "
-                f"{merge.protected()} + 2; raise the budget "
-                "or n_ctx, or lower n_batch, sinks or recent"
-            )
+        self._check_fits(merge)
         thresholds = None
         if merge.threshold == CALIBRATED:
             thresholds = self._calibrated_thresholds(path)
@@ -146,15 +134,30 @@ class Llama(llama_cpp.Llama):
             + row_bytes(int(ctx_params.type_v), self._shape.n_head_kv * self._shape.head_dim_v)
         )
 
+    def _check_fits(self, merge: MergeSettings) -> None:
+        """The budget must fit the physical cache and leave room for a batch and the
+        protected cells."""
+        physical = self.n_ctx()
+        if isinstance(merge.budget, int) and merge.budget > physical:
+            raise SettingsError(
+                f"budget: {merge.budget} cells do not fit the physical cache n_ctx={physical}; "
+                "lower the budget or raise n_ctx"
+            )
+        room = (merge.budget if isinstance(merge.budget, int) else physical) - self.n_batch
+        if room < merge.protected() + 2:
+            raise SettingsError(
+                f"budget: {merge.budget} leaves {room} cells once a batch of "
+                f"n_batch={self.n_batch} arrives, fewer than sinks + recent = "
+                f"{merge.protected()} + 2; raise the budget "
+                "or n_ctx, or lower n_batch, sinks or recent"
+            )
+
     def set_merge_settings(self, merge: MergeSettings) -> None:
         """Change the policy of a merging Llama (e.g. a new budget); applies from the next
         evaluation. Turning merging on or off needs a new Llama."""
         if self._planner is None:
             raise SettingsError("merging is off for this Llama; build one with merge=...")
-        if isinstance(merge.budget, int) and merge.budget > self.n_ctx():
-            raise SettingsError(
-                f"budget: {merge.budget} cells do not fit the physical cache n_ctx={self.n_ctx()}"
-            )
+        self._check_fits(merge)
         self._planner = BlockMergePlanner(merge, self._shape, self._planner.layer_thresholds)
         self.merge_settings = merge
 
@@ -164,7 +167,7 @@ class Llama(llama_cpp.Llama):
         cal = read_calibration(path)
         if cal is None:
             raise SettingsError(
-                f"threshold='calibrated' but {path} carries no edgemerge calibration; run "
+                f"threshold: 'calibrated' but {path} carries no edgemerge calibration; run "
                 "`edgemerge calibrate` on it, or give a numeric threshold"
             )
         layers = np.asarray(self._shape.layer_ids)

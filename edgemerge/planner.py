@@ -42,7 +42,7 @@ from edgemerge.kvcells import KVCells
 from edgemerge.kvmerge import KVFeatures, KVShape, MergeGroups
 from edgemerge.reference.merging_sets import merging_sets_for_budget, set_ranges
 from edgemerge.reference.similarity import aggregate_similarity
-from edgemerge.settings import CALIBRATED, LATTER_HALF, MergeSettings
+from edgemerge.settings import CALIBRATED, LATTER_HALF, MergeSettings, SettingsError
 
 
 class BudgetError(RuntimeError):
@@ -95,7 +95,7 @@ class BlockMergePlanner:
         if self.settings.threshold == CALIBRATED:
             if self.layer_thresholds is None:
                 raise ValueError(
-                    "threshold='calibrated' needs per-layer thresholds; run `edgemerge calibrate` "
+                    "threshold: 'calibrated' needs per-layer thresholds; run `edgemerge calibrate` "
                     "on the model, or give a number"
                 )
             if len(self.layer_thresholds) != self.shape.n_layer:
@@ -103,6 +103,7 @@ class BlockMergePlanner:
                     f"calibration has {len(self.layer_thresholds)} layer thresholds, the cache "
                     f"has {self.shape.n_layer} layers"
                 )
+        self.similarity_layers()  # an index beyond the cache fails now, not mid-chat
 
     def similarity_layers(self) -> list[int] | None:
         layers = self.settings.similarity_layers
@@ -110,7 +111,7 @@ class BlockMergePlanner:
             return None
         bad = [i for i in layers if i >= self.shape.n_layer]
         if bad:
-            raise ValueError(
+            raise SettingsError(
                 f"similarity_layers {bad} are beyond the cache's {self.shape.n_layer} layers"
             )
         return list(layers)
