@@ -18,5 +18,8 @@ def package_env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(Path(edgemerge.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # `python -m edgemerge` run from a checkout would import the source tree (the current
+    # folder comes first on sys.path), which has no native build in CI
+    env["PYTHONSAFEPATH"] = "1"
     env.pop("LLAMA_CPP_LIB_PATH", None)
     return env
