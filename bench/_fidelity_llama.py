@@ -1,0 +1,185 @@
+"""Load a compressed KV state into a real llama.cpp context and score the tokens after it.
+
+The harness captures KV with flash attention off (only then does llama.cpp materialise
+the attention probabilities that give H2O-style importance), which stores V transposed.
+Scoring runs with flash attention on, because on CPU it is about twice as fast, so
+every state is rewritten with row-major V first (:func:`row_major_v`; f16 bytes are
+only reordered, nothing is rounded). All methods, ``full`` included, are scored the
+same way.
+"""
+
+from __future__ import annotations
+
+# edgemerge first: importing it points llama_cpp at edgemerge's patched libllama.
+import edgemerge  # noqa: F401  # isort: skip
+import llama_cpp  # isort: skip
+
+import ctypes
+import os
+
+import numpy as np
+
+from edgemerge import kvstate
+from edgemerge.methods.base import CompressedKV
+
+
+class ScoringError(RuntimeError):
+    """llama.cpp refused a state or a batch."""
+
+
+def row_major_v(state: kvstate.SeqState) -> kvstate.SeqState:
+    """``state`` with every transposed V stored row by row (as flash attention keeps it).
+
+    Raises:
+        kvstate.KVStateError: a transposed V of a block type (cannot happen: llama.cpp
+            only transposes f32/f16/bf16 V).
+    """
+    for index, cache in enumerate(state.caches):
+        stream = cache.stream
+        if not stream.v_trans:
+            continue
+        layers = []
+        for layer in stream.layers:
+            width, n_cells, el_bytes = layer.v.shape
+            rows = np.ascontiguousarray(layer.v.transpose(1, 0, 2)).reshape(
+                n_cells, width * el_bytes
+            )
+            layers.append(kvstate.LayerKV(layer.k_type, layer.k, layer.v_type, rows))
+        flat = kvstate.StreamKV(
+            stream.positions,
+            stream.seq_ids,
+            False,
+            tuple(layers),
+            stream.ext,
+            stream.bias,
+            stream.spans,
+        )
+        state = kvstate.with_stream(state, flat, index)
+    return state
+
+
+def compressed_state(base: kvstate.SeqState, compressed: CompressedKV) -> bytes:
+    """``base`` with its full-attention cache (cache 0) replaced by the compressed cells.
+
+    Bias and spans are written only when some cell has them (a merge section needs the
+    patched libllama, and a state without one is byte-identical to llama.cpp's own).
+    """
+    plain = not compressed.bias.any() and np.array_equal(
+        compressed.span, np.stack([compressed.positions, compressed.positions], axis=1)
+    )
+    state = kvstate.with_kv(
+        base,
+        compressed.keys,
+        compressed.values,
+        compressed.positions,
+        0,
+        bias=None if plain else compressed.bias,
+        spans=None if plain else compressed.span,
+    )
+    return kvstate.write_seq_state(state)
+
+
+class Scorer:
+    """A flash-attention context that restores states and scores token continuations."""
+
+    def __init__(
+        self,
+        model: llama_cpp.llama_model_p,
+        n_ctx: int,
+        *,
+        n_batch: int = 256,
+        n_threads: int | None = None,
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        threads = n_threads if n_threads is not None else max(1, os.cpu_count() or 1)
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ScoringError(f"llama.cpp could not create a scoring context of {n_ctx} cells")
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self, state: bytes) -> None:
+        """Empty the context and restore ``state`` as sequence 0.
+
+        Raises:
+            ScoringError: llama.cpp rejected the state (its log says why).
+        """
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
+            raise ScoringError(
+                "llama_state_seq_set_data rejected the state (run with verbose llama.cpp "
+                "logging to see why; the context may be too small for its cells)"
+            )
+
+    def nll(self, state: bytes | None, feed: np.ndarray, first_pos: int) -> np.ndarray:
+        """Negative log-likelihood of ``feed[1:]``, each predicted after the tokens before it.
+
+        Args:
+            state: a sequence state to restore first; None: start from an empty cache.
+            feed: int tokens decoded at positions ``first_pos, first_pos + 1, ...``.
+            first_pos: must be one past the last position the state holds.
+
+        Returns:
+            float64 ``[len(feed) - 1]`` in nats.
+
+        Raises:
+            ScoringError: the state is rejected, the tokens do not fit the context, or
+                a decode fails (llama.cpp also fails when ``first_pos`` does not follow
+                the state's last position).
+        """
+        feed = np.asarray(feed, dtype=np.int64)
+        if feed.ndim != 1 or feed.shape[0] < 2:
+            raise ScoringError("feed needs at least two tokens (one context token, one scored)")
+        if state is None:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        else:
+            self.load(state)
+        out = np.empty(feed.shape[0] - 1, dtype=np.float64)
+        for start in range(0, feed.shape[0] - 1, self.n_batch):
+            chunk = feed[start : min(start + self.n_batch, feed.shape[0] - 1)]
+            for i, tok in enumerate(chunk):
+                self.batch.token[i] = int(tok)
+                self.batch.pos[i] = first_pos + start + i
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = 0
+                self.batch.logits[i] = 1
+            self.batch.n_tokens = len(chunk)
+            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            if status != 0:
+                raise ScoringError(
+                    f"llama_decode failed with status {status} at position {first_pos + start} "
+                    f"(context of {self.n_ctx} cells)"
+                )
+            ptr = llama_cpp.llama_get_logits(self.ctx)
+            logits = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+            targets = feed[start + 1 : start + 1 + len(chunk)]
+            out[start : start + len(chunk)] = _nll_rows(logits, targets)
+        return out
+
+
+def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64."""
+    rows = logits.astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
+    return log_z - rows[np.arange(rows.shape[0]), targets]
