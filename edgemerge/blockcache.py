@@ -56,6 +56,34 @@ FILE_SUFFIX = ".kvblock"
 _FORMAT_VERSION = 1
 
 
+def eviction_order(eviction: Sequence[str]) -> tuple[str, ...]:
+    """``eviction`` as a tuple, checked: distinct criteria from :data:`EVICTION_CRITERIA`.
+
+    Raises:
+        ValueError: empty, repeated or unknown criteria.
+    """
+    order = tuple(eviction)
+    bad = [c for c in order if c not in EVICTION_CRITERIA]
+    if not order or bad or len(set(order)) != len(order):
+        raise ValueError(
+            f"eviction must be distinct criteria from {EVICTION_CRITERIA}, got {eviction!r}"
+        )
+    return order
+
+
+def eviction_key(order: Sequence[str], *, refcount: int, last_use: float, depth: int) -> tuple:
+    """Sort key of one eviction candidate under ``order``: the smallest goes first.
+
+    Shared by :class:`BlockCache` (entries) and :mod:`edgemerge.sequences` (blocks).
+    """
+    parts = {
+        "refcount": refcount,
+        "lru": last_use,
+        "position": -depth,  # deeper (longer) prefixes first
+    }
+    return tuple(parts[c] for c in order)
+
+
 class BlockCacheError(ValueError):
     """A cache entry or a context state cannot be used; the message says why."""
 
@@ -427,12 +455,7 @@ class BlockCache(BaseLlamaCache):
     ) -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        order = tuple(eviction)
-        bad = [c for c in order if c not in EVICTION_CRITERIA]
-        if not order or bad or len(set(order)) != len(order):
-            raise ValueError(
-                f"eviction must be distinct criteria from {EVICTION_CRITERIA}, got {eviction!r}"
-            )
+        order = eviction_order(eviction)
         super().__init__(backend.capacity_bytes)
         self.backend = backend
         self.block_size = block_size
@@ -638,12 +661,9 @@ class BlockCache(BaseLlamaCache):
         )
 
     def _eviction_key(self, entry: Entry) -> tuple:
-        parts = {
-            "refcount": entry.refcount,
-            "lru": entry.last_use,
-            "position": -entry.depth,  # deeper (longer) prefixes first
-        }
-        return tuple(parts[c] for c in self.eviction)
+        return eviction_key(
+            self.eviction, refcount=entry.refcount, last_use=entry.last_use, depth=entry.depth
+        )
 
     def evict_to_fit(self, protect: bytes | None = None) -> list[bytes]:
         """Drop entries in eviction order until the backend is within its byte limit.
