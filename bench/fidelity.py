@@ -1,6 +1,6 @@
 """Fidelity of every KV compression method on real KV, as a method x budget table.
 
-For each model and each context (see ``_fidelity_texts``), the context's KV cache is
+For each model and each context (see ``edgemerge.evaluation.texts``), the context's KV cache is
 captured once from the real model (``edgemerge.capture.capture_kv``: K/V as cached,
 the last ``n_obs`` queries and the attention mass every cell received) and reused
 by every method and budget:
@@ -54,9 +54,9 @@ from _fidelity_config import (
     Row,
     budget_cells,
 )
-from _fidelity_llama import Scorer, compressed_state, row_major_v
+from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v
 from _fidelity_report import render_markdown
-from _fidelity_texts import (
+from edgemerge.evaluation.texts import (
     PLAIN_DOCS,
     RECALL_PAIRS,
     Context,
@@ -143,7 +143,7 @@ def run_model(
 
     Raises:
         FidelityInputError: a text is missing or too short for the token counts.
-        edgemerge.capture.CaptureError, _fidelity_llama.ScoringError: llama.cpp failed.
+        edgemerge.capture.CaptureError, edgemerge.evaluation.scoring.ScoringError: llama.cpp failed.
     """
     path = resolve_model(model, progress=progress)
     label = str(model) if not Path(str(model)).is_file() else Path(model).stem

@@ -15,11 +15,6 @@ from edgemerge.convert import ConvertError, add_convert_parser
 from edgemerge.planner import BudgetError
 from edgemerge.settings import LATTER_HALF, MergeSettings, SettingsError
 
-# Subcommands whose issues have not landed yet: they say so and exit 2.
-NOT_YET = {
-    "bench": "the long-context evaluation suite",
-}
-
 
 class CliError(Exception):
     """An error to print as one line, without a traceback."""
@@ -226,11 +221,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> int:
-    print(
-        f"edgemerge {name}: {NOT_YET[name]} is not available yet in this version.", file=sys.stderr
-    )
-    return 2
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgemerge.evaluation import bench_cli
+
+    return bench_cli.run(args, args.bench_argv)
 
 
 def _chat_epilog() -> str:
@@ -305,15 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
     cal.set_defaults(func=cmd_calibrate)
 
-    for name, what in NOT_YET.items():
-        sp = sub.add_parser(name, help=f"{what} (not available yet)")
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=lambda a, n=name: _not_yet(n))
+    from edgemerge.evaluation.bench_cli import add_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="the long-context evaluation suite",
+        description="Quality, memory and speed of every method and budget, offline and "
+        "streaming, on real text (writes docs/results.md and its plots).",
+    )
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.bench_argv = argv[1:]
     if getattr(args, "model", "") is None:
         args.model = models.load_registry().default
     try:

@@ -30,11 +30,18 @@ def test_help_lists_subcommands():
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("name", ["bench"])
-def test_unavailable_subcommands_say_so(name):
-    out = run_cli(name)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budgets", "0"], "budgets must be percentages"),
+        (["--budgets", "100"], "budgets must be percentages"),
+        (["--context", "10"], "n_context must be >= 256"),
+    ],
+)
+def test_bench_bad_settings_are_clean_errors(flags, message):
+    out = run_cli("bench", "--no-progress", *flags)
     assert out.returncode == 2
-    assert "not available yet" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -10,17 +10,17 @@ same way.
 
 from __future__ import annotations
 
-# edgemerge first: importing it points llama_cpp at edgemerge's patched libllama.
-import edgemerge  # noqa: F401  # isort: skip
-import llama_cpp  # isort: skip
-
 import ctypes
 import os
 
+# edgemerge/__init__.py has already run (this is a submodule), so llama_cpp loads
+# edgemerge's patched libllama.
+import llama_cpp
 import numpy as np
 
 from edgemerge import kvstate
 from edgemerge.methods.base import CompressedKV
+from edgemerge.reference import ggml_quants
 
 
 class ScoringError(RuntimeError):
@@ -80,7 +80,10 @@ def compressed_state(base: kvstate.SeqState, compressed: CompressedKV) -> bytes:
 
 
 class Scorer:
-    """A flash-attention context that restores states and scores token continuations."""
+    """A flash-attention context that restores states and scores or generates after them.
+
+    ``cache_type``: the KV cache type (``"f16"``, ``"q8_0"``, ...) of the states it loads.
+    """
 
     def __init__(
         self,
@@ -89,8 +92,11 @@ class Scorer:
         *,
         n_batch: int = 256,
         n_threads: int | None = None,
+        cache_type: str = "f16",
     ) -> None:
         params = llama_cpp.llama_context_default_params()
+        # states restore only into a cache of their own type
+        params.type_k = params.type_v = ggml_quants.ggml_type(cache_type).type_id
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = 1
@@ -174,6 +180,80 @@ class Scorer:
             logits = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
             targets = feed[start + 1 : start + 1 + len(chunk)]
             out[start : start + len(chunk)] = _nll_rows(logits, targets)
+        return out
+
+    def _decode(self, tokens: np.ndarray, first_pos: int, *, all_logits: bool) -> np.ndarray:
+        """Decode ``tokens`` from ``first_pos`` on; the logits of every token or of the last.
+
+        Returns:
+            float32 ``[n, n_vocab]`` (a view into llama.cpp's buffer: copy before the next
+            decode) with ``n = len(tokens)`` or 1.
+        """
+        rows = 0
+        for start in range(0, tokens.shape[0], self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last_chunk = start + self.n_batch >= tokens.shape[0]
+            for i, tok in enumerate(chunk):
+                self.batch.token[i] = int(tok)
+                self.batch.pos[i] = first_pos + start + i
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = 0
+                self.batch.logits[i] = int(all_logits or (last_chunk and i == len(chunk) - 1))
+            self.batch.n_tokens = len(chunk)
+            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            if status != 0:
+                raise ScoringError(
+                    f"llama_decode failed with status {status} at position {first_pos + start} "
+                    f"(context of {self.n_ctx} cells)"
+                )
+            rows = len(chunk) if all_logits else 1
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+
+    def generate(
+        self,
+        state: bytes | None,
+        prompt: np.ndarray,
+        first_pos: int,
+        max_new_tokens: int,
+        *,
+        stop: frozenset[int] = frozenset(),
+    ) -> list[int]:
+        """Greedy continuation of ``prompt`` decoded after ``state``.
+
+        Args:
+            state: a sequence state to restore first; None: start from an empty cache.
+            prompt: int tokens (at least one) decoded at ``first_pos, first_pos + 1, ...``.
+            first_pos: one past the last position the state holds.
+            max_new_tokens: how many tokens to generate at most.
+            stop: token ids that end the generation (not included in the result).
+
+        Returns:
+            the generated token ids (greedy: argmax of the logits, ties to the lowest id).
+
+        Raises:
+            ScoringError: the state is rejected or a decode fails (for instance when the
+                state, the prompt and the new tokens do not fit the context).
+        """
+        prompt = np.asarray(prompt, dtype=np.int64)
+        if prompt.ndim != 1 or prompt.shape[0] < 1:
+            raise ScoringError("prompt needs at least one token (the logits come from it)")
+        if state is None:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        else:
+            self.load(state)
+        out: list[int] = []
+        logits = self._decode(prompt, first_pos, all_logits=False)
+        pos = first_pos + prompt.shape[0]
+        while len(out) < max_new_tokens:
+            token = int(np.argmax(logits[-1]))
+            if token in stop:
+                break
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            logits = self._decode(np.asarray([token]), pos, all_logits=False)
+            pos += 1
         return out
 
 

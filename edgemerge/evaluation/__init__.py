@@ -1,0 +1,6 @@
+"""Evaluation of KV compression on real models: texts, tasks, scoring and the suite.
+
+``texts``: long real documents found offline (licences, Debian docs, stdlib sources).
+``scoring``: restore a (compressed) sequence state into llama.cpp and score or
+generate after it. ``tasks``: the long-context tasks of ``edgemerge bench``.
+"""
