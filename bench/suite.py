@@ -1,0 +1,17 @@
+"""The long-context evaluation suite; the same as ``edgemerge bench`` (see its --help).
+
+    python bench/suite.py --quick          # Qwen, under 10 minutes on 2 cores
+    python bench/suite.py                  # both models -> docs/results.md, docs/results/*.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgemerge.evaluation.bench_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
