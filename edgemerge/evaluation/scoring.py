@@ -79,6 +79,76 @@ def compressed_state(base: kvstate.SeqState, compressed: CompressedKV) -> bytes:
     return kvstate.write_seq_state(state)
 
 
+def new_context(
+    model: llama_cpp.llama_model_p,
+    n_ctx: int,
+    *,
+    n_batch: int,
+    n_threads: int | None,
+    flash_attn: bool,
+    cache_type: str = "f16",
+    cb_eval: object | None = None,
+) -> llama_cpp.llama_context_p:
+    """A one-sequence llama.cpp context (``cb_eval``: a graph eval callback to install,
+    which the caller must keep alive as long as the context).
+
+    Raises:
+        ScoringError: llama.cpp could not create it.
+    """
+    params = llama_cpp.llama_context_default_params()
+    # states restore only into a cache of their own type
+    params.type_k = params.type_v = ggml_quants.ggml_type(cache_type).type_id
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = 1
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    threads = n_threads if n_threads is not None else max(1, os.cpu_count() or 1)
+    params.n_threads = params.n_threads_batch = threads
+    if cb_eval is not None:
+        params.cb_eval = cb_eval
+        params.cb_eval_user_data = None
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise ScoringError(
+            f"llama.cpp could not create a context of {n_ctx} cells ({cache_type} cache, "
+            f"flash attention {'on' if flash_attn else 'off'})"
+        )
+    return ctx
+
+
+def decode_chunk(
+    ctx: llama_cpp.llama_context_p,
+    batch: llama_cpp.llama_batch,
+    tokens: np.ndarray,
+    first_pos: int,
+    *,
+    all_logits: bool,
+) -> None:
+    """Decode ``tokens`` (at most the batch's size) as sequence 0 from ``first_pos`` on,
+    asking for the logits of every token or of the last one only.
+
+    Raises:
+        ScoringError: llama_decode failed (e.g. the context is full).
+    """
+    for i, tok in enumerate(tokens):
+        batch.token[i] = int(tok)
+        batch.pos[i] = first_pos + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = int(all_logits or i == len(tokens) - 1)
+    batch.n_tokens = len(tokens)
+    status = llama_cpp.llama_decode(ctx, batch)
+    if status != 0:
+        raise ScoringError(
+            f"llama_decode failed with status {status} at position {first_pos} (1: the "
+            "context has no room for the batch)"
+        )
+
+
 class Scorer:
     """A flash-attention context that restores states and scores or generates after them.
 
@@ -94,18 +164,14 @@ class Scorer:
         n_threads: int | None = None,
         cache_type: str = "f16",
     ) -> None:
-        params = llama_cpp.llama_context_default_params()
-        # states restore only into a cache of their own type
-        params.type_k = params.type_v = ggml_quants.ggml_type(cache_type).type_id
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = 1
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        threads = n_threads if n_threads is not None else max(1, os.cpu_count() or 1)
-        params.n_threads = params.n_threads_batch = threads
-        self.ctx = llama_cpp.llama_init_from_model(model, params)
-        if not self.ctx:
-            raise ScoringError(f"llama.cpp could not create a scoring context of {n_ctx} cells")
+        self.ctx = new_context(
+            model,
+            n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            flash_attn=True,
+            cache_type=cache_type,
+        )
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
@@ -163,19 +229,7 @@ class Scorer:
         out = np.empty(feed.shape[0] - 1, dtype=np.float64)
         for start in range(0, feed.shape[0] - 1, self.n_batch):
             chunk = feed[start : min(start + self.n_batch, feed.shape[0] - 1)]
-            for i, tok in enumerate(chunk):
-                self.batch.token[i] = int(tok)
-                self.batch.pos[i] = first_pos + start + i
-                self.batch.n_seq_id[i] = 1
-                self.batch.seq_id[i][0] = 0
-                self.batch.logits[i] = 1
-            self.batch.n_tokens = len(chunk)
-            status = llama_cpp.llama_decode(self.ctx, self.batch)
-            if status != 0:
-                raise ScoringError(
-                    f"llama_decode failed with status {status} at position {first_pos + start} "
-                    f"(context of {self.n_ctx} cells)"
-                )
+            decode_chunk(self.ctx, self.batch, chunk, first_pos + start, all_logits=True)
             ptr = llama_cpp.llama_get_logits(self.ctx)
             logits = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
             targets = feed[start + 1 : start + 1 + len(chunk)]
@@ -192,20 +246,7 @@ class Scorer:
         rows = 0
         for start in range(0, tokens.shape[0], self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            last_chunk = start + self.n_batch >= tokens.shape[0]
-            for i, tok in enumerate(chunk):
-                self.batch.token[i] = int(tok)
-                self.batch.pos[i] = first_pos + start + i
-                self.batch.n_seq_id[i] = 1
-                self.batch.seq_id[i][0] = 0
-                self.batch.logits[i] = int(all_logits or (last_chunk and i == len(chunk) - 1))
-            self.batch.n_tokens = len(chunk)
-            status = llama_cpp.llama_decode(self.ctx, self.batch)
-            if status != 0:
-                raise ScoringError(
-                    f"llama_decode failed with status {status} at position {first_pos + start} "
-                    f"(context of {self.n_ctx} cells)"
-                )
+            decode_chunk(self.ctx, self.batch, chunk, first_pos + start, all_logits=all_logits)
             rows = len(chunk) if all_logits else 1
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))

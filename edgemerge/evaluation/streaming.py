@@ -29,7 +29,6 @@ which would catch any other placement.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from dataclasses import dataclass
 
@@ -38,7 +37,12 @@ import numpy as np
 
 from edgemerge import kvstate
 from edgemerge.capture import CaptureError, ModelLayout, _Ggml, _Recorder, model_layout
-from edgemerge.evaluation.scoring import ScoringError, compressed_state
+from edgemerge.evaluation.scoring import (
+    ScoringError,
+    compressed_state,
+    decode_chunk,
+    new_context,
+)
 from edgemerge.methods.base import CompressionMethod, KVSnapshot
 
 
@@ -106,20 +110,16 @@ class StreamingPrefill:
         self.n_ctx, self.n_batch, self.n_obs = n_ctx, n_batch, n_obs
         self._ggml = _Ggml()
         self._callback = _Callback()
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = 1
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        threads = n_threads if n_threads is not None else max(1, os.cpu_count() or 1)
-        params.n_threads = params.n_threads_batch = threads
         # kept alive as long as the context: llama.cpp holds a raw pointer to it
         self._c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
-        params.cb_eval = self._c_callback
-        params.cb_eval_user_data = None
-        self.ctx = llama_cpp.llama_init_from_model(model._model.model, params)
-        if not self.ctx:
-            raise CaptureError(f"llama.cpp could not create a streaming context of {n_ctx} cells")
+        self.ctx = new_context(
+            model._model.model,
+            n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            flash_attn=False,
+            cb_eval=self._c_callback,
+        )
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def close(self) -> None:
@@ -237,24 +237,15 @@ class StreamingPrefill:
         )
 
     def _decode(self, chunk: np.ndarray, start: int, recorder: _Recorder) -> None:
-        for i, tok in enumerate(chunk):
-            self.batch.token[i] = int(tok)
-            self.batch.pos[i] = start + i
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
-            self.batch.logits[i] = int(i == len(chunk) - 1)
-        self.batch.n_tokens = len(chunk)
         self._callback.recorder = recorder
         try:
-            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            decode_chunk(self.ctx, self.batch, chunk, start, all_logits=False)
         finally:
             self._callback.recorder = None
         if recorder.error is not None:
             raise CaptureError(f"reading graph tensors failed: {recorder.error}") from (
                 recorder.error
             )
-        if status != 0:
-            raise ScoringError(f"llama_decode failed with status {status} at position {start}")
         expected = len(self.layers) * self.layout.n_head * len(chunk)
         if recorder.mass_rows != expected:
             raise CaptureError(
