@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgemerge.evaluation.texts import PLAIN_DOCS, RECALL_PAIRS, Context, Document, FidelityInputError
+
+from edgemerge.evaluation.texts import (
+    PLAIN_DOCS,
+    RECALL_PAIRS,
+    Context,
+    Document,
+    FidelityInputError,
+)
 
 DEFAULT_MODELS = ("qwen2.5-coder-0.5b", "gemma-3-270m")
 ABLATION_SWITCHES = ("centre", "retention", "gaussian", "magnitude", "bias")

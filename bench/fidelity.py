@@ -54,8 +54,12 @@ from _fidelity_config import (
     Row,
     budget_cells,
 )
-from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v
 from _fidelity_report import render_markdown
+from tqdm import tqdm
+
+from edgemerge import kvstate
+from edgemerge.capture import capture_kv
+from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v
 from edgemerge.evaluation.texts import (
     PLAIN_DOCS,
     RECALL_PAIRS,
@@ -64,10 +68,6 @@ from edgemerge.evaluation.texts import (
     plain_context,
     recall_context,
 )
-from tqdm import tqdm
-
-from edgemerge import kvstate
-from edgemerge.capture import capture_kv
 from edgemerge.methods import get_method
 from edgemerge.methods.base import CompressedKV, KVSnapshot
 from edgemerge.models import resolve_model

@@ -18,11 +18,11 @@ sys.path.insert(0, str(BENCH))
 
 import fidelity  # noqa: E402
 from _fidelity_config import FidelityConfig, Row  # noqa: E402
-from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v  # noqa: E402
 from _fidelity_report import render_markdown  # noqa: E402
-from edgemerge.evaluation.texts import Document, FidelityInputError, plain_context  # noqa: E402
 
 from edgemerge.capture import capture_kv  # noqa: E402
+from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v  # noqa: E402
+from edgemerge.evaluation.texts import Document, FidelityInputError, plain_context  # noqa: E402
 from edgemerge.methods import get_method  # noqa: E402
 
 SMALL_BLOCKMERGE = {"n_recent": 16, "block_size": 8}
