@@ -1,7 +1,7 @@
 """The long-context evaluation suite; the same as ``edgemerge bench`` (see its --help).
 
-    python bench/suite.py --quick          # Qwen, under 10 minutes on 2 cores
-    python bench/suite.py                  # both models -> docs/results.md, docs/results/*.png
+``python bench/suite.py --quick`` runs Qwen in under 10 minutes on 2 cores; without flags
+both models run and the report goes to docs/results.md, the plots to docs/results/.
 """
 
 from __future__ import annotations
