@@ -301,7 +301,10 @@ class Tmux:
     def __init__(self, command: list[str], env: dict[str, str]):
         self.server = f"edgemerge-test-{uuid.uuid4().hex[:8]}"
         self.env = env  # the new server, and so the program, start with this environment
-        self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shlex.join(command))
+        # the shell prints the program's exit status (128 + n for a signal): tmux's own
+        # pane_dead_status can stay empty when tmux notices the closed pty before the exit
+        shell = f"{shlex.join(command)}; echo \"[exit status $?]\""
+        self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shell)
         self._tmux("set-option", "-t", "chat", "remain-on-exit", "on")
 
     def _tmux(self, *args: str) -> str:
@@ -334,10 +337,8 @@ class Tmux:
 
     def exit_status(self) -> int | None:
         """The program's exit status, None while it runs."""
-        fields = self._tmux(
-            "display-message", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}"
-        ).split()
-        return int(fields[1]) if fields[0] == "1" else None  # no status while alive
+        found = re.search(r"\[exit status (\d+)\]", self.screen())
+        return int(found[1]) if found else None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True)
