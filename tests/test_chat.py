@@ -303,7 +303,7 @@ class Tmux:
         self.env = env  # the new server, and so the program, start with this environment
         # the shell prints the program's exit status (128 + n for a signal): tmux's own
         # pane_dead_status can stay empty when tmux notices the closed pty before the exit
-        shell = f"{shlex.join(command)}; echo \"[exit status $?]\""
+        shell = f'{shlex.join(command)}; echo "[exit status $?]"'
         self._tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", shell)
         self._tmux("set-option", "-t", "chat", "remain-on-exit", "on")
 
