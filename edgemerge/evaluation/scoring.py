@@ -149,7 +149,43 @@ def decode_chunk(
         )
 
 
-class Scorer:
+class ContextSession:
+    """A llama.cpp context and batch owned by this object: closing, ``with``, restoring.
+
+    Subclasses set ``self.ctx`` (from :func:`new_context`) and ``self.batch``.
+    """
+
+    ctx: llama_cpp.llama_context_p
+    batch: llama_cpp.llama_batch
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> ContextSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self, state: bytes) -> None:
+        """Empty the context and restore ``state`` as sequence 0.
+
+        Raises:
+            ScoringError: llama.cpp rejected the state (its log says why).
+        """
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
+            raise ScoringError(
+                "llama_state_seq_set_data rejected the state (run with verbose llama.cpp "
+                "logging to see why; the context may be too small for its cells)"
+            )
+
+
+class Scorer(ContextSession):
     """A flash-attention context that restores states and scores or generates after them.
 
     ``cache_type``: the KV cache type (``"f16"``, ``"q8_0"``, ...) of the states it loads.
@@ -176,32 +212,6 @@ class Scorer:
         self.n_batch = n_batch
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-
-    def close(self) -> None:
-        if self.ctx:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-
-    def __enter__(self) -> Scorer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def load(self, state: bytes) -> None:
-        """Empty the context and restore ``state`` as sequence 0.
-
-        Raises:
-            ScoringError: llama.cpp rejected the state (its log says why).
-        """
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
-            raise ScoringError(
-                "llama_state_seq_set_data rejected the state (run with verbose llama.cpp "
-                "logging to see why; the context may be too small for its cells)"
-            )
 
     def nll(self, state: bytes | None, feed: np.ndarray, first_pos: int) -> np.ndarray:
         """Negative log-likelihood of ``feed[1:]``, each predicted after the tokens before it.

@@ -38,6 +38,7 @@ import numpy as np
 from edgemerge import kvstate
 from edgemerge.capture import CaptureError, ModelLayout, _Ggml, _Recorder, model_layout
 from edgemerge.evaluation.scoring import (
+    ContextSession,
     ScoringError,
     compressed_state,
     decode_chunk,
@@ -80,7 +81,7 @@ class _Callback:
         return self.recorder(t, ask, user_data) if self.recorder is not None else False
 
 
-class StreamingPrefill:
+class StreamingPrefill(ContextSession):
     """A flash-attention-off llama.cpp context that prefills under a cell budget.
 
     Args:
@@ -121,18 +122,6 @@ class StreamingPrefill:
             cb_eval=self._c_callback,
         )
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-
-    def close(self) -> None:
-        if self.ctx:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-
-    def __enter__(self) -> StreamingPrefill:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def prefill(self, tokens: np.ndarray, method: CompressionMethod, budget: int) -> StreamResult:
         """Decode ``tokens`` from position 0, keeping at most ``budget`` cells between chunks.
@@ -221,7 +210,7 @@ class StreamingPrefill:
             out = method.compress(snapshot, budget - next_len)
             compress_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._restore(compressed_state(state, out))
+            self.load(compressed_state(state, out))
             io_s += time.perf_counter() - t0
             member_sum = np.add.reduceat(
                 importance[out.member_index], out.member_offsets[:-1].astype(np.int64)
@@ -262,10 +251,3 @@ class StreamingPrefill:
 
     def _read_state(self) -> kvstate.SeqState:
         return kvstate.parse_seq_state(self._get_state_bytes())
-
-    def _restore(self, state: bytes) -> None:
-        mem = llama_cpp.llama_get_memory(self.ctx)
-        llama_cpp.llama_memory_clear(mem, True)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(state), 0) != len(state):
-            raise ScoringError("llama_state_seq_set_data rejected the compressed state")
