@@ -27,8 +27,9 @@ import llama_cpp
 import numpy as np
 
 from edgemerge import kvcells, kvmerge
-from edgemerge.models import resolve_model
-from edgemerge.planner import BlockMergePlanner
+from edgemerge.models import cache_dir, resolve_model
+from edgemerge.planner import BlockMergePlanner, MergePlan
+from edgemerge.recall import RecallEngine
 from edgemerge.reference.ggml_quants import row_bytes
 from edgemerge.settings import CALIBRATED, MergeSettings, SettingsError
 
@@ -50,6 +51,11 @@ class MergeStats:
         mean_merge_error: mean estimated relative key error of the merge sets applied.
         merge_time_s: seconds spent planning and merging.
         eval_time_s: seconds spent evaluating tokens (prefill and decode).
+        store_positions: positions whose original K/V the recall store holds.
+        store_ram_bytes, store_disk_bytes: the store's bytes in RAM and in its spill file.
+        recall_turns: prompts that ran recall; recall_hits: those that brought blocks back.
+        blocks_restored: blocks brought back in all.
+        recall_time_s: seconds spent storing, scoring and restoring (incl. re-evaluation).
     """
 
     cells: int
@@ -64,6 +70,13 @@ class MergeStats:
     mean_merge_error: float
     merge_time_s: float
     eval_time_s: float
+    store_positions: int = 0
+    store_ram_bytes: int = 0
+    store_disk_bytes: int = 0
+    recall_turns: int = 0
+    recall_hits: int = 0
+    blocks_restored: int = 0
+    recall_time_s: float = 0.0
 
 
 class Llama(llama_cpp.Llama):
@@ -100,6 +113,7 @@ class Llama(llama_cpp.Llama):
         super().__init__(model_path=str(path), **kwargs)
         self.merge_settings = merge
         self._planner: BlockMergePlanner | None = None
+        self._recall: RecallEngine | None = None
         if merge is None:
             return
 
@@ -133,6 +147,24 @@ class Llama(llama_cpp.Llama):
             row_bytes(int(ctx_params.type_k), self._shape.n_head_kv * self._shape.head_dim_k)
             + row_bytes(int(ctx_params.type_v), self._shape.n_head_kv * self._shape.head_dim_v)
         )
+        self._recall_time = 0.0
+        self._set_recall(merge)
+
+    def _set_recall(self, merge: MergeSettings) -> None:
+        """Start or stop the recall engine to match ``merge.recall``."""
+        if merge.recall and self._recall is None:
+            self._recall = RecallEngine(
+                self._ctx.ctx,
+                self._model.model,
+                merge,
+                tuple(self._shape.layer_ids),
+                cache_dir() / "store",
+            )
+        elif merge.recall:
+            self._recall.settings = merge
+        elif self._recall is not None:
+            self._recall.close()
+            self._recall = None
 
     def _check_fits(self, merge: MergeSettings) -> None:
         """The budget must fit the physical cache and leave room for a batch and the
@@ -160,6 +192,7 @@ class Llama(llama_cpp.Llama):
         self._check_fits(merge)
         self._planner = BlockMergePlanner(merge, self._shape, self._planner.layer_thresholds)
         self.merge_settings = merge
+        self._set_recall(merge)
 
     def _calibrated_thresholds(self, path: Path) -> np.ndarray:
         from edgemerge.calibration import read_calibration
@@ -183,21 +216,60 @@ class Llama(llama_cpp.Llama):
         if self.n_tokens != self._cache_end:
             # a rewind (prefix reuse, regenerate, reset): cut there, then recount
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+            # llama.cpp decodes a sequence only right after its last cell: if the cut left
+            # evicted positions at the end, evaluate them again from there
+            left = kvcells.list_cells(self) if self.n_tokens else None
+            tail = int(left.span_max.max()) + 1 if left is not None and len(left) else 0
+            self._replay_from = min(self._replay_from, tail)
         tokens = self._replay_cut_spans(list(tokens))
         if self.n_tokens != self._cache_end:
             self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
-        for i in range(0, len(tokens), self.n_batch):
-            batch = tokens[i : i + self.n_batch]
-            if self.n_tokens + len(batch) > self._n_ctx:
-                raise ValueError(
-                    f"the logical context is full: {self.n_tokens + len(batch)} tokens exceed "
-                    f"n_ctx_logical={self._n_ctx}"
-                )
-            self._make_room(len(batch))
-            super().eval(batch)
-            self._cells += len(batch)
+        # a prompt (not one decoded token) ends with recall: capture its last queries
+        recall = self._recall is not None and len(tokens) > 1
+        window = self.merge_settings.recall_window
+        try:
+            for i in range(0, len(tokens), self.n_batch):
+                batch = tokens[i : i + self.n_batch]
+                if self.n_tokens + len(batch) > self._n_ctx:
+                    raise ValueError(
+                        f"the logical context is full: {self.n_tokens + len(batch)} tokens "
+                        f"exceed n_ctx_logical={self._n_ctx}"
+                    )
+                self._make_room(len(batch))
+                if (
+                    recall
+                    and not self._recall.capture.armed
+                    and i + len(batch) > len(tokens) - window
+                ):
+                    self._recall.capture.arm()
+                super().eval(batch)
+                self._cells += len(batch)
+        finally:
+            if self._recall is not None and self._recall.capture.armed:
+                self._recall.capture.disarm()
+        if recall:
+            self._recall_turn()
         self._cache_end = self.n_tokens
         self._eval_time += time.perf_counter() - t0
+
+    def _recall_turn(self) -> None:
+        """Bring back the stored blocks the prompt's last queries attend to, then evaluate
+        the prompt's last ``recall_reeval`` tokens again so the reply sees them."""
+        t0 = time.perf_counter()
+        s = self.merge_settings
+        budget = min(s.budget_cells(self.n_tokens), self.n_ctx())
+        result = self._recall.recall(self.input_ids, self.n_tokens, budget)
+        if result.blocks:
+            self._cells = len(kvcells.list_cells(self))
+            r = min(s.recall_reeval, self.n_tokens - 1)
+            if r > 0:
+                p0 = self.n_tokens - r
+                again = [int(t) for t in self.input_ids[p0 : self.n_tokens]]
+                self._seq_rm(-1, p0, -1)
+                self.n_tokens = p0
+                for i in range(0, r, self.n_batch):
+                    super().eval(again[i : i + self.n_batch])
+        self._recall_time += time.perf_counter() - t0
 
     def _span_aware_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         """llama-cpp-python's tail cut, remembering where a cut merged cell began.
@@ -206,6 +278,8 @@ class Llama(llama_cpp.Llama):
         merged cell straddling the cut takes positions before ``p0`` with it; the next
         :meth:`eval` evaluates those again.
         """
+        if self._recall is not None and (p1 is None or p1 < 0):
+            self._recall.forget_from(max(0, p0))
         if p0 < self._merged_upto and (p1 is None or p1 < 0):
             cells = kvcells.list_cells(self)
             straddle = (cells.span_min < p0) & (cells.span_max >= p0)
@@ -243,6 +317,10 @@ class Llama(llama_cpp.Llama):
         feats = kvmerge.kv_features(self, cells.cell)
         plan = self._planner.plan(cells, feats, self.n_tokens, target)
         s = self.merge_settings
+        if self._recall is not None:
+            t1 = time.perf_counter()
+            self._recall.save_originals(_leaving_exact(cells, plan), self.input_ids)
+            self._recall_time += time.perf_counter() - t1
         if plan.groups.n_group:
             kvmerge.kv_merge(self, plan.groups, magnitude=s.magnitude)
         mem = llama_cpp.llama_get_memory(self._ctx.ctx)
@@ -267,6 +345,18 @@ class Llama(llama_cpp.Llama):
             raise SettingsError("merge_stats() needs merging on: pass merge=MergeSettings(...)")
         cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
         kv = cells * self._bytes_per_cell
+        store = self._recall.store.stats() if self._recall is not None else None
+        recall = {}
+        if store is not None:
+            recall = dict(
+                store_positions=store.positions,
+                store_ram_bytes=store.ram_bytes,
+                store_disk_bytes=store.disk_bytes,
+                recall_turns=self._recall.turns,
+                recall_hits=self._recall.hits,
+                blocks_restored=self._recall.blocks_restored,
+                recall_time_s=self._recall_time,
+            )
         return MergeStats(
             cells=cells,
             logical_tokens=self.n_tokens,
@@ -280,10 +370,15 @@ class Llama(llama_cpp.Llama):
             mean_merge_error=self._err_sum / self._merges if self._merges else 0.0,
             merge_time_s=self._merge_time,
             eval_time_s=self._eval_time,
+            **recall,
         )
 
     def close(self) -> None:
         # __init__ may stop (bad settings, missing model) before llama_cpp.Llama set it up
+        recall = getattr(self, "_recall", None)
+        if recall is not None:
+            recall.close()  # its query capture must go before the context
+            self._recall = None
         if hasattr(self, "_stack"):
             super().close()
 
@@ -292,6 +387,8 @@ class Llama(llama_cpp.Llama):
         if self._planner is not None:
             self._cache_end = 0
             self._cells = 0
+            if self._recall is not None:
+                self._recall.store.clear()
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         if self._planner is not None and len(state.input_ids) != len(self.input_ids):
@@ -300,6 +397,9 @@ class Llama(llama_cpp.Llama):
                 f"{len(self.input_ids)} (n_ctx_logical): load it into a Llama built the same way"
             )
         super().load_state(state)
+        if self._recall is not None:
+            # the store described the old cache; a loaded one may have another history
+            self._recall.store.clear()
         if self._planner is not None:
             self._cache_end = self.n_tokens
             # the restored cache may hold merged cells: recount, and know where spans end
@@ -309,3 +409,14 @@ class Llama(llama_cpp.Llama):
             self._merged_upto = (
                 int(cells.span_max[wide].max()) + 1 if wide is not None and wide.any() else 0
             )
+
+
+def _leaving_exact(cells: kvcells.KVCells, plan: MergePlan) -> np.ndarray:
+    """Positions of the exact cells that ``plan`` merges or evicts (their originals go to
+    the recall store first; merged cells' members are stored already)."""
+    leaving = (
+        np.isin(cells.cell, plan.groups.src) if plan.groups.n_group else np.zeros(len(cells), bool)
+    )
+    for lo, hi in plan.evict_spans.tolist():
+        leaving |= (cells.span_min >= lo) & (cells.span_max <= hi)
+    return cells.pos[leaving & (cells.span_min == cells.span_max)]

@@ -131,6 +131,33 @@ EDGEMERGE_API int edgemerge_kv_merge(void * ctx, int32_t seq_id, int32_t n_group
                                      const uint32_t * src, const float * w_k, const float * w_v,
                                      const float * bias, const int32_t * span, int32_t flags_k,
                                      int32_t flags_v);
+
+/* Capture of post-RoPE queries while the context decodes (recall). While armed, the
+ * context's graph evaluation callback (native/patches/0005) copies the query of every
+ * layer ("Qcur-<il>" after RoPE, f32 [head_dim, n_head, n_tokens]) into a per-layer ring
+ * of the last `window` tokens; nothing else leaves the backend. One capture per context;
+ * arm it only around the decodes whose queries are wanted, and free it before the
+ * context. */
+typedef struct edgemerge_qcapture edgemerge_qcapture;
+
+/* n_layer: the model's layers; n_head: query heads; head_dim: query head size. Returns
+ * EDGEMERGE_OK, EDGEMERGE_EINVAL (NULL ctx/out, a size < 1, window > 65536) or
+ * EDGEMERGE_ENOMEM. */
+EDGEMERGE_API int edgemerge_qcapture_new(void * ctx, int32_t n_layer, int32_t n_head,
+                                         int32_t head_dim, int32_t window,
+                                         edgemerge_qcapture ** out);
+
+/* on != 0: empty the rings and install the callback; on == 0: remove it. */
+EDGEMERGE_API int edgemerge_qcapture_arm(edgemerge_qcapture * qc, int32_t on);
+
+/* Queries captured since arming, oldest first:
+ *   out      float[n_layer][window][n_head][head_dim]  (rows past n_tokens[il] untouched)
+ *   n_tokens int32[n_layer]                            tokens captured per layer (<= window)
+ * Returns EDGEMERGE_OK, or EDGEMERGE_EINVAL if a query tensor had an unexpected shape. */
+EDGEMERGE_API int edgemerge_qcapture_read(edgemerge_qcapture * qc, float * out,
+                                          int32_t * n_tokens);
+
+EDGEMERGE_API void edgemerge_qcapture_free(edgemerge_qcapture * qc);
 /* EDGEMERGE_CDEF_END */
 
 #ifdef __cplusplus

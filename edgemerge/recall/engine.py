@@ -1,0 +1,374 @@
+"""Recall for one sequence of a live context: store originals, bring back what a turn needs.
+
+:class:`RecallEngine` is owned by :class:`edgemerge.Llama` (``MergeSettings.recall``):
+
+* before a merge or an eviction, :meth:`RecallEngine.save_originals` copies the rows of
+  every exact cell about to leave the cache into the :class:`~edgemerge.recall.store.
+  BlockStore` (so every position is either exact in the cache or in the store);
+* while a prompt's last ``recall_window`` tokens are evaluated, the query capture
+  (native/src/query_capture.c) keeps their post-RoPE queries;
+* :meth:`RecallEngine.recall` then scores the stored blocks with those queries
+  (:mod:`edgemerge.recall.scoring`), and rewrites the sequence's full-attention cache
+  through ``llama_state_seq_set_data``: the chosen blocks' original rows come back at
+  their positions (bias 0, their own spans), the merged cells that stood for them leave,
+  and the least-attended unprotected cells are evicted into the store until the budget
+  holds. A restore that llama.cpp refuses puts the old state back.
+
+The sequence state is read and written whole (``llama_state_seq_get_data``/``_set_data``:
+every layer's K/V rows of the sequence, a copy proportional to the cells, not to the
+history), so the rows restored are byte-identical to those stored, for every cache type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from edgemerge import kvstate, native
+from edgemerge.recall.scoring import attention_shares, choose_blocks
+from edgemerge.recall.store import BlockStore, StoredBlock
+from edgemerge.reference import ggml_quants
+from edgemerge.settings import MergeSettings
+
+
+class RecallError(RuntimeError):
+    """The model or context cannot do recall (unsupported architecture, bad geometry)."""
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    """What one :meth:`RecallEngine.recall` did."""
+
+    blocks: int  # blocks brought back
+    cells_restored: int
+    cells_dropped: int  # merged cells that stood for the restored blocks
+    cells_evicted: int  # cells moved to the store to make room
+    best_score: float  # share of the best stored block (0: nothing scored)
+
+
+class QueryCapture:
+    """The native ring of post-RoPE queries (``edgemerge_qcapture_*``).
+
+    ``read()`` returns float32 ``[n_layer, window, n_head, head_dim]`` and int32
+    ``[n_layer]`` tokens captured per layer (rows past that count are zero).
+    """
+
+    def __init__(self, ctx: int, n_layer: int, n_head: int, head_dim: int, window: int) -> None:
+        ffi, lib = native.ffi(), native.lib()
+        out = ffi.new("edgemerge_qcapture **")
+        native.check(
+            lib.edgemerge_qcapture_new(
+                ffi.cast("void *", ctx), n_layer, n_head, head_dim, window, out
+            )
+        )
+        self._qc = ffi.gc(out[0], lib.edgemerge_qcapture_free)
+        self.shape = (n_layer, window, n_head, head_dim)
+        self.armed = False
+
+    def arm(self) -> None:
+        native.check(native.lib().edgemerge_qcapture_arm(self._qc, 1))
+        self.armed = True
+
+    def disarm(self) -> None:
+        native.check(native.lib().edgemerge_qcapture_arm(self._qc, 0))
+        self.armed = False
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        ffi = native.ffi()
+        q = np.zeros(self.shape, np.float32)
+        n = np.zeros(self.shape[0], np.int32)
+        native.check(
+            native.lib().edgemerge_qcapture_read(
+                self._qc, ffi.from_buffer("float[]", q), ffi.from_buffer("int32_t[]", n)
+            )
+        )
+        return q, n
+
+    def close(self) -> None:
+        if self.armed:
+            self.disarm()
+        if self._qc is not None:
+            qc, self._qc = self._qc, None
+            native.ffi().gc(qc, None)  # detach the finaliser, then free now
+            native.lib().edgemerge_qcapture_free(qc)
+
+
+def _cell_rows(stream: kvstate.StreamKV) -> tuple[np.ndarray, np.ndarray | None]:
+    """K and V bytes per cell: uint8 [n_layer, n_cells, bytes] (a transposed V's
+    components of one cell become one row)."""
+    k = np.stack([layer.k for layer in stream.layers])
+    if stream.layers[0].v is None:
+        return k, None
+    if stream.v_trans:
+        v = np.stack(
+            [layer.v.transpose(1, 0, 2).reshape(layer.v.shape[1], -1) for layer in stream.layers]
+        )
+    else:
+        v = np.stack([layer.v for layer in stream.layers])
+    return k, v
+
+
+def _stream_from_rows(
+    template: kvstate.StreamKV,
+    positions: np.ndarray,
+    bias: np.ndarray,
+    spans: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray | None,
+) -> kvstate.StreamKV:
+    layers = []
+    n = positions.size
+    for il, t in enumerate(template.layers):
+        lv = None
+        if v is not None:
+            lv = v[il]
+            if template.v_trans:
+                e, _, el = t.v.shape
+                lv = np.ascontiguousarray(lv.reshape(n, e, el).transpose(1, 0, 2))
+        layers.append(kvstate.LayerKV(t.k_type, np.ascontiguousarray(k[il]), t.v_type, lv))
+    return kvstate.StreamKV(
+        positions.astype(np.int32),
+        (template.seq_ids[0],) * n,
+        template.v_trans,
+        tuple(layers),
+        None,
+        bias.astype(np.float32),
+        spans.astype(np.int32),
+    )
+
+
+class RecallEngine:
+    """Block store, query capture and restore for sequence 0 of a live context.
+
+    Args:
+        ctx: the ``llama_context *`` (an int address).
+        model: the ``llama_model *``.
+        settings: the merge policy (``recall`` fields).
+        layer_ids: model layer of each cache layer (``kvmerge.kv_shape(...).layer_ids``).
+        spill_dir: where the store's spill file goes.
+
+    Raises:
+        RecallError: the architecture's query scaling is unknown, or the cache carries
+            M-RoPE cell extensions.
+    """
+
+    def __init__(
+        self,
+        ctx: int,
+        model: int,
+        settings: MergeSettings,
+        layer_ids: tuple[int, ...],
+        spill_dir: Path,
+    ) -> None:
+        from edgemerge.capture import CaptureError, model_layout
+
+        try:
+            layout = model_layout(model)
+        except CaptureError as err:
+            raise RecallError(f"recall: {err}; use recall=False for this model") from err
+        self.ctx = ctx
+        self.settings = settings
+        self.layer_ids = tuple(int(i) for i in layer_ids)
+        self.attn_scale = layout.attn_scale
+        self.n_head = layout.n_head
+        self.n_kv_head = layout.n_kv_head
+        self.head_dim = layout.head_dim
+        self.capture = QueryCapture(
+            ctx, layout.n_layer, layout.n_head, layout.head_dim, settings.recall_window
+        )
+        self.store = BlockStore(
+            settings.block_size, settings.store_ram_mb * (1 << 20), Path(spill_dir)
+        )
+        self.turns = 0
+        self.hits = 0  # turns that brought something back
+        self.blocks_restored = 0
+        self.time_s = 0.0
+
+    # -- state I/O -----------------------------------------------------------------------
+
+    def read_state(self) -> tuple[bytes, kvstate.SeqState]:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0) != size:
+            raise RecallError("llama_state_seq_get_data did not return the whole state")
+        raw = bytes(buf)
+        return raw, kvstate.parse_seq_state(raw)
+
+    def _write_state(self, raw: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
+        return llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(raw), 0) == len(raw)
+
+    # -- storing -------------------------------------------------------------------------
+
+    def save_originals(self, positions: np.ndarray, tokens: np.ndarray) -> None:
+        """Store the rows of the exact cells at ``positions`` (about to be merged or
+        evicted); ``tokens`` is the sequence's token ids by position."""
+        positions = np.unique(np.asarray(positions, np.int64))
+        if positions.size == 0:
+            return
+        _, state = self.read_state()
+        stream = state.stream
+        idx = _indices_of(stream.positions, positions)
+        k, v = _cell_rows(stream)
+        self.store.put(
+            positions.astype(np.int32),
+            tokens[positions].astype(np.int32),
+            k[:, idx],
+            None if v is None else v[:, idx],
+        )
+
+    def forget_from(self, pos: int) -> None:
+        """The sequence was cut at ``pos``: stored positions from there on are stale."""
+        self.store.drop_from(pos)
+
+    # -- recall --------------------------------------------------------------------------
+
+    def queries(self) -> np.ndarray:
+        """Captured queries of the cache layers: float32 [n_cache_layer, T, n_head, D]."""
+        q, n = self.capture.read()
+        sel = list(self.layer_ids)
+        t = int(n[sel].min()) if sel else 0
+        return q[sel, :t]
+
+    def recall(self, tokens: np.ndarray, n_tokens: int, budget: int) -> RecallResult:
+        """Score the store with the captured queries and restore the best blocks.
+
+        Args:
+            tokens: token ids by position (``Llama.input_ids``).
+            n_tokens: logical tokens of the sequence.
+            budget: the most cells the sequence may hold afterwards.
+        """
+        s = self.settings
+        self.turns += 1
+        nothing = RecallResult(0, 0, 0, 0, 0.0)
+        q = self.queries()
+        block_ids = self.store.blocks()
+        if q.shape[1] == 0 or not block_ids:
+            return nothing
+        raw, state = self.read_state()
+        stream = state.stream
+        n = stream.n_cells
+        pos = stream.positions.astype(np.int64)
+        bias = stream.bias if stream.bias is not None else np.zeros(n, np.float32)
+        spans = stream.spans if stream.spans is not None else np.stack([pos, pos], 1)
+        k_rows, v_rows = _cell_rows(stream)
+        k_type = stream.layers[0].k_type
+        width = self.n_kv_head * self.head_dim
+        cache_keys = self._keys(k_rows, k_type, width)
+
+        entries: dict[int, StoredBlock] = {}
+        for b in block_ids:
+            e = self.store.get(b)
+            if e is None:
+                continue
+            if np.any(e.positions >= n_tokens) or not np.array_equal(tokens[e.positions], e.tokens):
+                self.store.take(b)  # stale: the sequence changed under it
+                continue
+            entries[b] = e
+        if not entries:
+            return nothing
+        order = sorted(entries)
+        store_k = np.concatenate([entries[b].k for b in order], axis=1)
+        sizes = np.array([entries[b].positions.size for b in order])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        block_score, cell_score = attention_shares(
+            q, self.attn_scale, cache_keys, bias, self._keys(store_k, k_type, width), starts
+        )
+        best = float(block_score.max()) if block_score.size else 0.0
+        chosen = [order[i] for i in choose_blocks(block_score, s.recall_blocks, s.recall_threshold)]
+        if not chosen:
+            return RecallResult(0, 0, 0, 0, best)
+
+        protected = (pos < s.sinks) | (pos >= n_tokens - s.recent)
+        bs = s.block_size
+        while chosen:
+            lo = np.array([b * bs for b in chosen])
+            in_chosen = np.zeros(n, bool)
+            for b0 in lo.tolist():
+                in_chosen |= (spans[:, 0] >= b0) & (spans[:, 1] < b0 + bs)
+            drop = in_chosen & (spans[:, 1] > spans[:, 0])
+            fresh = [entries[b].select(~np.isin(entries[b].positions, pos[~drop])) for b in chosen]
+            added = sum(e.positions.size for e in fresh)
+            n_new = n - int(drop.sum()) + added
+            evictable = np.flatnonzero(~protected & ~in_chosen)
+            need = max(0, n_new - budget)
+            if need <= evictable.size:
+                break
+            chosen.pop()  # the weakest block does not fit; try with fewer
+        if not chosen:
+            return RecallResult(0, 0, 0, 0, best)
+        evict = evictable[np.argsort(cell_score[evictable], kind="stable")[:need]]
+        keep = ~drop
+        keep[evict] = False
+
+        new_pos = np.concatenate([pos[keep]] + [e.positions.astype(np.int64) for e in fresh])
+        new_bias = np.concatenate([bias[keep], np.zeros(added, np.float32)])
+        new_spans = np.concatenate([spans[keep], np.stack([new_pos[keep.sum() :]] * 2, 1)])
+        new_k = np.concatenate([k_rows[:, keep]] + [e.k for e in fresh], axis=1)
+        new_v = (
+            None
+            if v_rows is None
+            else np.concatenate([v_rows[:, keep]] + [e.v for e in fresh], axis=1)
+        )
+        o = np.argsort(new_pos, kind="stable")
+        new_stream = _stream_from_rows(
+            stream,
+            new_pos[o],
+            new_bias[o],
+            new_spans[o],
+            new_k[:, o],
+            None if new_v is None else new_v[:, o],
+        )
+        out = kvstate.write_seq_state(kvstate.with_stream(state, new_stream))
+        if not self._write_state(out):
+            if not self._write_state(raw):
+                raise RecallError("llama.cpp refused both the restored and the original state")
+            warnings.warn(
+                "recall: llama.cpp refused the restored cache; the turn goes on without recall",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return RecallResult(0, 0, 0, 0, best)
+        for b in chosen:
+            self.store.take(b)
+        exact_evicted = evict[spans[evict, 0] == spans[evict, 1]]
+        if exact_evicted.size:
+            p = pos[exact_evicted]
+            self.store.put(
+                p.astype(np.int32),
+                tokens[p].astype(np.int32),
+                k_rows[:, exact_evicted],
+                None if v_rows is None else v_rows[:, exact_evicted],
+            )
+        self.hits += 1
+        self.blocks_restored += len(chosen)
+        return RecallResult(len(chosen), added, int(drop.sum()), int(evict.size), best)
+
+    def _keys(self, rows: np.ndarray, k_type: int, width: int) -> np.ndarray:
+        """uint8 [L, n, bytes] -> float32 [L, n_kv_head, n, head_dim]."""
+        n_layer, n, _ = rows.shape
+        x = ggml_quants.dequantize_rows(rows, k_type, width)
+        return np.ascontiguousarray(
+            x.reshape(n_layer, n, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        )
+
+    def close(self) -> None:
+        self.capture.close()
+        self.store.close()
+
+
+def _indices_of(stream_positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Index in the stream of each wanted position (each must be present)."""
+    order = np.argsort(stream_positions, kind="stable")
+    sorted_pos = stream_positions[order]
+    at = np.searchsorted(sorted_pos, wanted)
+    at = np.minimum(at, sorted_pos.size - 1)
+    if not np.array_equal(sorted_pos[at], wanted):
+        missing = wanted[sorted_pos[at] != wanted][:5].tolist()
+        raise RecallError(f"positions {missing} are not cells of the sequence")
+    return order[at]

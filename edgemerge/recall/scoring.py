@@ -1,0 +1,89 @@
+"""Which stored blocks a turn's queries attend to, and which cells it attends to least.
+
+Pure numpy. For every cache layer, KV head ``h`` and the query heads of its group
+(llama.cpp's GQA rule: query head ``g`` reads KV head ``g // (n_head / n_kv_head)``),
+each of the window's queries ``q`` gives logits ``attn_scale * q . k`` (+ the cell's
+bias for cells in the cache). Normalised by the log-sum-exp over the cells now in the
+cache, ``exp(logit - lse)`` is the attention share a key would get next to the cache:
+
+* a stored block's share is ``exp(max over its positions - lse)`` (its best key: a name
+  or a number is one token), averaged over the window's queries;
+* a cell's share is its own, averaged the same way.
+
+A block or cell scores the largest share of any layer and query head: retrieval lives
+in a few heads, and a mean over all of them would drown it.
+
+Shapes: ``queries`` float32 ``[L, T, n_head, D]``; keys float32 ``[L, n_kv_head, n, D]``;
+``bias`` float32 ``[n]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _grouped(q: np.ndarray, n_kv_head: int) -> np.ndarray:
+    """[T, n_head, D] -> [n_kv_head, group * T, D] (query heads of one KV head together)."""
+    t, n_head, d = q.shape
+    if n_head % n_kv_head:
+        raise ValueError(f"{n_head} query heads do not split over {n_kv_head} KV heads")
+    g = n_head // n_kv_head
+    return np.ascontiguousarray(q.reshape(t, n_kv_head, g, d).transpose(1, 2, 0, 3)).reshape(
+        n_kv_head, g * t, d
+    )
+
+
+def attention_shares(
+    queries: np.ndarray,
+    attn_scale: float,
+    cache_keys: np.ndarray,
+    cache_bias: np.ndarray,
+    store_keys: np.ndarray,
+    block_starts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of stored blocks and of the cache's cells.
+
+    Args:
+        queries: float32 [L, T, n_head, D], the window's post-RoPE queries.
+        attn_scale: logit = attn_scale * q . k.
+        cache_keys: float32 [L, n_kv_head, n_cells, D]; cache_bias float32 [n_cells].
+        store_keys: float32 [L, n_kv_head, n_stored, D], stored positions grouped by block.
+        block_starts: int [n_blocks], index of each block's first stored position
+            (ascending, block_starts[0] == 0).
+
+    Returns:
+        (block_score float32 [n_blocks], cell_score float32 [n_cells]), each the best
+        layer's and head's window-averaged share.
+    """
+    n_layer, t, _, _ = queries.shape
+    n_kv = cache_keys.shape[1]
+    n_blocks = len(block_starts)
+    block_score = np.zeros(n_blocks, np.float32)
+    cell_score = np.zeros(cache_keys.shape[2], np.float32)
+    if t == 0:
+        return block_score, cell_score
+    bias = cache_bias.astype(np.float32)[None, None, :]
+    for il in range(n_layer):
+        q = _grouped(queries[il].astype(np.float32), n_kv) * np.float32(attn_scale)
+        logits = np.matmul(q, cache_keys[il].transpose(0, 2, 1)) + bias  # [H, G*T, n]
+        top = logits.max(axis=-1, keepdims=True)
+        share = np.exp(logits - top)
+        denom = share.sum(axis=-1, keepdims=True)
+        share /= denom
+        lse = top + np.log(denom)  # [H, G*T, 1]
+        g = q.shape[1] // t
+        per_head = share.reshape(n_kv, g, t, -1).mean(axis=2)  # [H, G, n]
+        np.maximum(cell_score, per_head.max(axis=(0, 1)), out=cell_score)
+        if n_blocks:
+            s = np.matmul(q, store_keys[il].transpose(0, 2, 1))  # [H, G*T, n_stored]
+            best = np.maximum.reduceat(s, block_starts, axis=-1)  # [H, G*T, n_blocks]
+            b_share = np.exp(np.minimum(best - lse, 0.0)).reshape(n_kv, g, t, -1).mean(axis=2)
+            np.maximum(block_score, b_share.max(axis=(0, 1)), out=block_score)
+    return block_score, cell_score
+
+
+def choose_blocks(block_score: np.ndarray, max_blocks: int, threshold: float) -> np.ndarray:
+    """Indices of the blocks to restore: the best ``max_blocks`` scoring at least
+    ``threshold`` (and above zero), best first."""
+    order = np.argsort(-block_score, kind="stable")[:max_blocks]
+    return order[(block_score[order] >= threshold) & (block_score[order] > 0)]

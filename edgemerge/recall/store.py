@@ -1,0 +1,300 @@
+"""The block store: original K/V rows of cells that merging or eviction took out of the cache.
+
+Rows are kept exactly as the cache held them (the cache's ggml type, raw bytes), so a
+restore writes back byte-identical cells. Entries are grouped by block (``position //
+block_size``); each position carries the token it was computed for, so a restore can
+refuse rows whose token no longer matches the sequence.
+
+Memory: up to ``ram_bytes`` of blocks stay in RAM; beyond that the least recently used
+blocks spill to one append-only file under ``spill_dir`` (each record with a CRC32).
+A record that is missing or fails its checksum when read back is dropped with a
+warning: recall loses those blocks, generation is never fed wrong rows.
+
+Shapes (``n_layer`` cache layers, ``m`` positions of a block):
+    k: uint8 ``[n_layer, m, k_row_bytes]``; v: uint8 ``[n_layer, m, v_cell_bytes]``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class StoreWarning(UserWarning):
+    """Stored blocks were lost (missing or corrupt spill file); recall degrades."""
+
+
+@dataclass
+class StoredBlock:
+    """Originals of some positions of one block, sorted by position."""
+
+    positions: np.ndarray  # int32 [m]
+    tokens: np.ndarray  # int32 [m]
+    k: np.ndarray  # uint8 [n_layer, m, k_row_bytes]
+    v: np.ndarray | None  # uint8 [n_layer, m, v_cell_bytes], None for a K-only cache
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + (self.v.nbytes if self.v is not None else 0))
+
+    def merged_with(self, other: StoredBlock) -> StoredBlock:
+        """This block's rows plus ``other``'s positions it lacks (rows are immutable)."""
+        new = ~np.isin(other.positions, self.positions)
+        if not new.any():
+            return self
+        pos = np.concatenate([self.positions, other.positions[new]])
+        order = np.argsort(pos, kind="stable")
+
+        def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if a is None or b is None:
+                return None
+            return np.ascontiguousarray(np.concatenate([a, b[:, new]], axis=1)[:, order])
+
+        return StoredBlock(
+            pos[order],
+            np.concatenate([self.tokens, other.tokens[new]])[order],
+            cat(self.k, other.k),
+            cat(self.v, other.v),
+        )
+
+    def select(self, keep: np.ndarray) -> StoredBlock:
+        return StoredBlock(
+            self.positions[keep],
+            self.tokens[keep],
+            np.ascontiguousarray(self.k[:, keep]),
+            None if self.v is None else np.ascontiguousarray(self.v[:, keep]),
+        )
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    offset: int
+    length: int
+    crc: int
+    shapes: tuple[tuple[int, ...], tuple[int, ...] | None]
+    m: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of a :class:`BlockStore`."""
+
+    blocks: int
+    positions: int
+    ram_bytes: int
+    disk_bytes: int
+    stored: int  # positions ever put in
+    restored: int  # positions taken back out for a restore
+    lost: int  # positions dropped because a spill record was missing or corrupt
+
+
+class BlockStore:
+    """Originals of merged or evicted cells, by block, in RAM then a spill file.
+
+    Args:
+        block_size: positions per block (``MergeSettings.block_size``).
+        ram_bytes: bytes of blocks kept in RAM before spilling.
+        spill_dir: directory of the spill file (created on first spill).
+    """
+
+    def __init__(self, block_size: int, ram_bytes: int, spill_dir: Path) -> None:
+        self.block_size = block_size
+        self.ram_limit = ram_bytes
+        self.spill_dir = Path(spill_dir)
+        self._ram: OrderedDict[int, StoredBlock] = OrderedDict()  # LRU order, oldest first
+        self._disk: dict[int, _Spilled] = {}
+        self._ram_bytes = 0
+        self._file: Path | None = None
+        self._file_end = 0
+        self._stored = self._restored = self._lost = 0
+
+    # -- filling -------------------------------------------------------------------------
+
+    def put(
+        self, positions: np.ndarray, tokens: np.ndarray, k: np.ndarray, v: np.ndarray | None
+    ) -> None:
+        """Store rows of ``positions`` (any order, any blocks); positions already stored
+        keep their first rows (the cache never rewrites an original)."""
+        positions = np.asarray(positions, np.int32)
+        if positions.size == 0:
+            return
+        blocks = positions // self.block_size
+        for b in np.unique(blocks).tolist():
+            sel = np.flatnonzero(blocks == b)
+            sel = sel[np.argsort(positions[sel], kind="stable")]
+            entry = StoredBlock(
+                positions[sel],
+                np.asarray(tokens, np.int32)[sel],
+                np.ascontiguousarray(k[:, sel]),
+                None if v is None else np.ascontiguousarray(v[:, sel]),
+            )
+            old = self._get(b)
+            if old is not None:
+                n_old = old.positions.size
+                entry = old.merged_with(entry)
+                self._stored += entry.positions.size - n_old
+            else:
+                self._stored += entry.positions.size
+            self._set(b, entry)
+        self._spill()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def blocks(self) -> list[int]:
+        """Block ids held, ascending."""
+        return sorted(set(self._ram) | set(self._disk))
+
+    def get(self, block: int) -> StoredBlock | None:
+        """The block's rows (from RAM or the spill file), or None if it is not held or
+        was lost."""
+        return self._get(block)
+
+    def take(self, block: int) -> StoredBlock | None:
+        """Remove and return the block (its rows go back into the cache)."""
+        entry = self._get(block)
+        if entry is not None:
+            self._drop(block)
+            self._restored += entry.positions.size
+        return entry
+
+    def drop_from(self, pos: int) -> None:
+        """Forget every position ``>= pos`` (the sequence was cut there)."""
+        for b in self.blocks():
+            if (b + 1) * self.block_size <= pos:
+                continue
+            entry = self._get(b)
+            self._drop(b)
+            if entry is not None and b * self.block_size < pos:
+                self._set(b, entry.select(entry.positions < pos))
+
+    def clear(self) -> None:
+        self._ram.clear()
+        self._disk.clear()
+        self._ram_bytes = 0
+        self.close()
+
+    def close(self) -> None:
+        """Delete the spill file."""
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)
+            self._file = None
+            self._file_end = 0
+        self._disk.clear()
+
+    def stats(self) -> StoreStats:
+        positions = sum(e.positions.size for e in self._ram.values()) + sum(
+            s.m for s in self._disk.values()
+        )
+        return StoreStats(
+            blocks=len(self._ram) + len(self._disk),
+            positions=positions,
+            ram_bytes=self._ram_bytes,
+            disk_bytes=sum(s.length for s in self._disk.values()),
+            stored=self._stored,
+            restored=self._restored,
+            lost=self._lost,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _get(self, block: int) -> StoredBlock | None:
+        entry = self._ram.get(block)
+        if entry is not None:
+            self._ram.move_to_end(block)
+            return entry
+        rec = self._disk.get(block)
+        if rec is None:
+            return None
+        return self._read(block, rec)
+
+    def _set(self, block: int, entry: StoredBlock) -> None:
+        self._drop(block)
+        self._ram[block] = entry
+        self._ram_bytes += entry.nbytes
+
+    def _drop(self, block: int) -> None:
+        entry = self._ram.pop(block, None)
+        if entry is not None:
+            self._ram_bytes -= entry.nbytes
+        self._disk.pop(block, None)
+
+    def _spill(self) -> None:
+        while self._ram_bytes > self.ram_limit and self._ram:
+            block, entry = self._ram.popitem(last=False)
+            self._ram_bytes -= entry.nbytes
+            try:
+                self._disk[block] = self._write(entry)
+            except OSError as err:
+                warnings.warn(
+                    f"recall store: cannot spill to {self.spill_dir} ({err}); the oldest "
+                    "blocks are dropped and cannot be recalled",
+                    StoreWarning,
+                    stacklevel=3,
+                )
+                self._lost += entry.positions.size
+
+    def _write(self, entry: StoredBlock) -> _Spilled:
+        if self._file is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="store-", suffix=".bin", dir=self.spill_dir)
+            os.close(fd)
+            self._file = Path(name)
+            self._file_end = 0
+        parts = [entry.positions.tobytes(), entry.tokens.tobytes(), entry.k.tobytes()]
+        if entry.v is not None:
+            parts.append(entry.v.tobytes())
+        blob = b"".join(parts)
+        with open(self._file, "r+b") as f:
+            f.seek(self._file_end)
+            f.write(blob)
+        rec = _Spilled(
+            self._file_end,
+            len(blob),
+            zlib.crc32(blob),
+            (entry.k.shape, None if entry.v is None else entry.v.shape),
+            int(entry.positions.size),
+        )
+        self._file_end += len(blob)
+        return rec
+
+    def _read(self, block: int, rec: _Spilled) -> StoredBlock | None:
+        try:
+            if self._file is None:
+                raise OSError("the spill file was closed")
+            with open(self._file, "rb") as f:
+                f.seek(rec.offset)
+                blob = f.read(rec.length)
+            if len(blob) != rec.length or zlib.crc32(blob) != rec.crc:
+                raise OSError("its checksum does not match (truncated or overwritten)")
+        except OSError as err:
+            warnings.warn(
+                f"recall store: block {block} is unreadable in {self._file} ({err}); it is "
+                "dropped and will not be recalled",
+                StoreWarning,
+                stacklevel=3,
+            )
+            self._disk.pop(block, None)
+            self._lost += rec.m
+            return None
+        m = rec.m
+        buf = np.frombuffer(blob, np.uint8)
+        positions = buf[: 4 * m].view(np.int32).copy()
+        tokens = buf[4 * m : 8 * m].view(np.int32).copy()
+        k_shape, v_shape = rec.shapes
+        k_n = int(np.prod(k_shape))
+        k = buf[8 * m : 8 * m + k_n].reshape(k_shape).copy()
+        v = None if v_shape is None else buf[8 * m + k_n :].reshape(v_shape).copy()
+        return StoredBlock(positions, tokens, k, v)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
