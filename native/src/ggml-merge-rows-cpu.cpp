@@ -34,6 +34,12 @@ constexpr float kSlerpLinearBelow = 1e-6f;  // sin(omega) under this: nearly par
 // groups with at least this many members are split across threads when they
 // cross a thread boundary; smaller ones stay with one thread (imbalance < this many rows)
 constexpr int32_t kSplitMin = 32;
+// members dequantized and normed together (scratch rows per thread)
+constexpr int32_t kChunk = 8;
+// how many members ahead a row is prefetched (random rows: hide the memory latency)
+constexpr int32_t kPrefetchAhead = 6;
+// heads per row up to which the chunked norm path is used (its coefficient table is on the stack)
+constexpr int64_t kMaxHeadsFast = 32;
 
 struct merge_args {
     const ggml_tensor * a;
@@ -47,6 +53,7 @@ struct merge_args {
     bool slerp;
     ggml_to_float_t to_float;
     size_t row_bytes;
+    int64_t n_src;
 };
 
 float dot(const float * x, const float * y, int64_t n) {
@@ -85,33 +92,68 @@ void prefetch_row(const merge_args & m, int32_t row) {
     }
 }
 
-// acc[n_embd] (+)= the members [j0, j1) per head: sum w x, or with magnitude the
-// direction sum w x/|x| and mag[h] += w |x|. acc and mag are zeroed here.
+// acc[n_embd] = the members [j0, j1) per head: sum w x, or with magnitude the direction
+// sum w x/|x|, and mag[h] = sum w |x|. Members go in chunks of kChunk so that their
+// norms (dot, sqrt, divide: a latency chain per head) overlap instead of serialising.
 void accumulate(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag,
                 float * scratch) {
     memset(acc, 0, m.n_embd * sizeof(float));
     for (int64_t h = 0; h < m.n_head; ++h) {
         mag[h] = 0.0;
     }
-    for (int32_t j = j0; j < j1; ++j) {
-        if (j + 1 < j1) {
-            prefetch_row(m, m.ix[j + 1]);
+    const float * rows[kChunk];
+    float coef[kChunk * kMaxHeadsFast];
+    const bool chunked = m.magnitude && m.n_head <= kMaxHeadsFast;
+    for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int32_t nc = std::min<int32_t>(kChunk, j1 - c0);
+        for (int32_t c = 0; c < nc; ++c) {
+            const int32_t j = c0 + c;
+            // members are scattered rows, the next groups' included: fetch a few ahead
+            if (j + kPrefetchAhead < m.n_src) {
+                prefetch_row(m, m.ix[j + kPrefetchAhead]);
+            }
+            rows[c] = load_row(m, m.ix[j], scratch + (int64_t) c * m.n_embd);
         }
-        const float * x = load_row(m, m.ix[j], scratch);
-        const float * wj = m.wt + (int64_t) j * m.n_head;
-        for (int64_t h = 0; h < m.n_head; ++h) {
-            const float * xh = x + h * m.hd;
-            float * oh = acc + h * m.hd;
+        for (int32_t c = 0; c < nc; ++c) {
+            const float * x = rows[c];
+            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
             if (!m.magnitude) {
-                ggml_vec_mad_f32((int) m.hd, oh, xh, wj[h]);
-                continue;
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, x + h * m.hd, wj[h]);
+                }
+            } else if (!chunked) {
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    const double n = std::sqrt((double) dot(x + h * m.hd, x + h * m.hd, m.hd));
+                    if (n > 0.0) {  // a zero row has no direction
+                        mag[h] += wj[h] * n;
+                        ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, x + h * m.hd, (float) (wj[h] / n));
+                    }
+                }
+            } else {
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    coef[c * m.n_head + h] = dot(x + h * m.hd, x + h * m.hd, m.hd);
+                }
             }
-            const double n = std::sqrt((double) dot(xh, xh, m.hd));
-            if (n <= 0.0) {
-                continue;  // a zero row has no direction
+        }
+        if (!chunked) {
+            continue;
+        }
+        // independent sqrt/divides for the whole chunk, then the weighted direction sums
+        for (int32_t c = 0; c < nc; ++c) {
+            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                const float n = std::sqrt(coef[c * m.n_head + h]);
+                mag[h] += (double) wj[h] * n;
+                coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
             }
-            mag[h] += wj[h] * n;
-            ggml_vec_mad_f32((int) m.hd, oh, xh, (float) (wj[h] / n));
+        }
+        for (int32_t c = 0; c < nc; ++c) {
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                const float k = coef[c * m.n_head + h];
+                if (k != 0.0f) {
+                    ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, rows[c] + h * m.hd, k);
+                }
+            }
         }
     }
 }
@@ -131,7 +173,10 @@ void finish(const merge_args & m, float * acc, const double * mag) {
 // Two-member group on the sphere: interpolate the unit directions, t = w1 / (w0 + w1),
 // and give the result the weighted mean norm.
 void slerp_pair(const merge_args & m, int32_t j0, float * out, float * scratch0, float * scratch1) {
-    prefetch_row(m, m.ix[j0 + 1]);
+    if (j0 + kPrefetchAhead < m.n_src) {
+        prefetch_row(m, m.ix[j0 + kPrefetchAhead]);
+        prefetch_row(m, m.ix[j0 + kPrefetchAhead - 1]);
+    }
     const float * r0 = load_row(m, m.ix[j0], scratch0);
     const float * r1 = load_row(m, m.ix[j0 + 1], scratch1);
     const int hd = (int) m.hd;
@@ -185,7 +230,7 @@ void merge_group(const merge_args & m, int64_t g, float * out, float * scratch0,
     finish(m, out, mag);
 }
 
-// Per-thread scratch, each part 64-byte aligned: two f32 rows for dequantized members,
+// Per-thread scratch, each part 64-byte aligned: kChunk + 1 f32 rows for dequantized members,
 // two partial-sum slots (f32 row + per-head norm sums) for split groups.
 struct thread_scratch {
     float * row0;
@@ -208,7 +253,7 @@ size_t mag_part_bytes(int64_t n_head) {
 }
 
 size_t thread_bytes(int64_t n_embd, int64_t n_head) {
-    return 4 * row_part_bytes(n_embd) + 3 * mag_part_bytes(n_head);
+    return (kChunk + 3) * row_part_bytes(n_embd) + 3 * mag_part_bytes(n_head);
 }
 
 thread_scratch scratch_of(void * wdata, int ith, int64_t n_embd, int64_t n_head) {
@@ -217,12 +262,12 @@ thread_scratch scratch_of(void * wdata, int ith, int64_t n_embd, int64_t n_head)
     const size_t mb = mag_part_bytes(n_head);
     thread_scratch s;
     s.row0 = (float *) p;
-    s.row1 = (float *) (p + rb);
-    s.part[0] = (float *) (p + 2 * rb);
-    s.part[1] = (float *) (p + 3 * rb);
-    s.mag[0] = (double *) (p + 4 * rb);
-    s.mag[1] = (double *) (p + 4 * rb + mb);
-    s.mag_whole = (double *) (p + 4 * rb + 2 * mb);
+    s.row1 = (float *) (p + kChunk * rb);
+    s.part[0] = (float *) (p + (kChunk + 1) * rb);
+    s.part[1] = (float *) (p + (kChunk + 2) * rb);
+    s.mag[0] = (double *) (p + (kChunk + 3) * rb);
+    s.mag[1] = (double *) (p + (kChunk + 3) * rb + mb);
+    s.mag_whole = (double *) (p + (kChunk + 3) * rb + 2 * mb);
     return s;
 }
 
@@ -263,6 +308,7 @@ void ggml_compute_forward_merge_rows(const ggml_compute_params * params, ggml_te
 
     const int64_t n_group = dst->ne[1];
     const int64_t n_src = m.of[n_group];
+    m.n_src = n_src;
     const int ith = params->ith;
     const int nth = params->nth;
 
