@@ -6,7 +6,7 @@ machine's copy bandwidth (a large numpy copy, measured in the same run) and thei
 ratio. Shapes follow Qwen2.5-0.5B's KV rows (2 KV heads x 64) and Gemma 3 270M's
 (1 x 256); groups of 8 members.
 
-    python bench/merge_rows.py [--backend CPU] [--rows 65536] [--iters 20]
+    python bench/merge_rows.py [--backend CPU] [--rows 65536] [--iters 20] [--order random]
 """
 
 from __future__ import annotations
@@ -44,13 +44,21 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=65536, help="member rows read per run")
     p.add_argument("--group", type=int, default=8, help="members per group")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument(
+        "--order",
+        choices=["random", "adjacent"],
+        default="random",
+        help="members in a random permutation of the rows, or adjacent rows (as the planner "
+        "merges runs of neighbouring cells)",
+    )
     args = p.parse_args()
 
     ceiling = copy_bandwidth()
     print(f"command: python bench/merge_rows.py {' '.join(sys.argv[1:])}")
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; "
-        f"backend {args.backend}; copy ceiling {ceiling / 1e9:.1f} GB/s (numpy copy)\n"
+        f"backend {args.backend}; members {args.order}; "
+        f"copy ceiling {ceiling / 1e9:.1f} GB/s (numpy copy)\n"
     )
     print("| shape | type | rows | time/run (ms) | GB/s | share of copy ceiling |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -59,7 +67,10 @@ def main() -> None:
         n_embd = n_head * hd
         x = rng.standard_normal((args.rows, n_embd)).astype(np.float32) + 1.0
         n_group = args.rows // args.group
-        idx = rng.permutation(args.rows).astype(np.int32)
+        if args.order == "random":
+            idx = rng.permutation(args.rows).astype(np.int32)
+        else:
+            idx = np.arange(args.rows, dtype=np.int32)
         offs = (np.arange(n_group + 1) * args.group).astype(np.int32)
         w = np.full((args.rows, n_head), 1.0 / args.group, np.float32)
         for qtype in TYPES:

@@ -176,6 +176,16 @@ def test_merge_matches_reference(tiny_qwen2_hd32, k, v, fa):
         assert (listed.span_min[i], listed.span_max[i]) == tuple(groups.span[g])
 
 
+@pytest.mark.parametrize(
+    "k,v,fa", [("f16", "f16", False), ("q8_0", "q8_0", True), ("q4_0", "f32", True)]
+)
+def test_gathered_merge_matches_reference(tiny_qwen2_hd32, k, v, fa, monkeypatch):
+    """The graph for backends without MERGE_ROWS (get_rows of the members, then the op over
+    those rows only), forced on the CPU: same rows, same tolerances."""
+    monkeypatch.setenv("EDGEMERGE_MERGE_GATHER", "1")
+    test_merge_matches_reference(tiny_qwen2_hd32, k, v, fa)
+
+
 def _dst_pos(groups, cells, g) -> int:
     return int(cells.pos[list(cells.cell).index(groups.dst[g])])
 

@@ -85,6 +85,33 @@ def test_native_matches_reference(backend, qtype, magnitude, slerp, n_head, head
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_large_groups_match_reference(backend, qtype, magnitude):
+    """Groups of 40 and 100 members: on the CPU (4 threads by default) they cross thread
+    boundaries, so their sums are split into per-thread partials and combined."""
+    rng = np.random.default_rng(7)
+    n_head, head_dim, n_rows = 2, 64, 200
+    sizes = [40, 100, 2, 7, 1]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    idx = rng.choice(n_rows, size=offsets[-1], replace=False).astype(np.int32)
+    x = (rng.standard_normal((n_rows, n_head * head_dim)) + 2.0).astype(np.float32)
+    x[idx[5]] = 0.0  # a zero member inside a split group adds nothing to the direction
+    w = normalised_weights(rng, offsets, n_head)
+    raw, as_float = encode(x, qtype)
+
+    got = ops.merge_rows(
+        raw, qtype, n_head * head_dim, idx, w, offsets, n_head, magnitude=magnitude, backend=backend
+    )
+    want = merge_rows_grouped(
+        as_float, idx, w, offsets, n_head, magnitude=magnitude, slerp_pairs=True
+    )
+    assert np.all(np.isfinite(got))
+    assert nmse(got, want) < NMSE_TOL
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < MAX_REL_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_rows_merge_to_themselves(backend):
     rng = np.random.default_rng(1)
     row = rng.standard_normal((1, 128)).astype(np.float32)

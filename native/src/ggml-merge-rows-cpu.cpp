@@ -3,6 +3,20 @@
 // Compiled into llama.cpp's ggml-cpu target by edgemerge's CMakeLists, so the
 // kernel stays in our tree while the patch only wires the op into ggml.
 // The oracle is edgemerge/reference/merge.py (merge_rows); keep the two in step.
+//
+// Layout of the work (memory-bound: each member row is read once):
+// - each member row is turned into f32 once: f32 rows are used in place, f16/bf16
+//   go through the CPU backend's SIMD row conversions, q8_0/q4_0 through ggml's
+//   type traits, into a thread-local scratch row;
+// - the per-head sums (norms, weighted direction) use the CPU backend's vec
+//   helpers (ggml_vec_dot_f32, ggml_vec_mad_f32, ggml_vec_scale_f32) on head_dim
+//   contiguous floats, accumulating straight into the output row;
+// - threads split the members, not the groups: thread t owns the members
+//   [t*n_src/nth, (t+1)*n_src/nth) and the groups that start there, so a few
+//   large groups load the threads as evenly as many small ones. A large group
+//   that crosses a thread boundary is summed in per-thread partials and combined
+//   after one barrier (the sums are linear in the members); small groups and
+//   SLERP pairs stay whole with the thread where they start.
 
 #include "ggml-cpu-impl.h"
 #include "ggml-cpu.h"
@@ -10,172 +24,361 @@
 #include "ops.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 namespace {
 
 constexpr float kSlerpLinearBelow = 1e-6f;  // sin(omega) under this: nearly parallel, lerp
+// groups with at least this many members are split across threads when they
+// cross a thread boundary; smaller ones stay with one thread (imbalance < this many rows)
+constexpr int32_t kSplitMin = 32;
+// members dequantized and normed together (scratch rows per thread)
+constexpr int32_t kChunk = 8;
+// how many members ahead a row is prefetched (random rows: hide the memory latency)
+constexpr int32_t kPrefetchAhead = 6;
+// heads per row up to which the chunked norm path is used (its coefficient table is on the stack)
+constexpr int64_t kMaxHeadsFast = 32;
 
-// the CPU backend's SIMD conversions for f16/bf16; ggml's type traits for the rest
-void load_row(const ggml_tensor * a, int64_t row, float * out) {
-    const char * src = (const char *) a->data + row * a->nb[1];
-    switch (a->type) {
-        case GGML_TYPE_F32:
-            memcpy(out, src, a->ne[0] * sizeof(float));
-            break;
-        case GGML_TYPE_F16:
-            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, out, a->ne[0]);
-            break;
-        case GGML_TYPE_BF16:
-            ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, out, a->ne[0]);
-            break;
-        default:
-            ggml_get_type_traits(a->type)->to_float(src, out, a->ne[0]);
-    }
-}
+struct merge_args {
+    const ggml_tensor * a;
+    const int32_t * ix;   // [n_src] member rows
+    const float   * wt;   // [n_src, n_head] weights
+    const int32_t * of;   // [n_group + 1] CSR offsets
+    int64_t n_embd;
+    int64_t n_head;
+    int64_t hd;
+    bool magnitude;
+    bool slerp;
+    ggml_to_float_t to_float;
+    size_t row_bytes;
+    int64_t n_src;
+};
 
-double dot(const float * x, const float * y, int64_t n) {
+float dot(const float * x, const float * y, int64_t n) {
     float s = 0.0f;
     ggml_vec_dot_f32((int) n, &s, 0, x, 0, y, 0, 1);
     return s;
 }
 
-// Two-member group on the sphere: interpolate the unit directions, t = w1 / (w0 + w1).
-void slerp_head(const float * x0, const float * x1, double n0, double n1, float w0, float w1,
-                int64_t hd, float * out) {
-    const double wsum = (double) w0 + (double) w1;
-    const double t = wsum > 0.0 ? (double) w1 / wsum : 0.5;
-    double c = dot(x0, x1, hd) / (n0 * n1);
-    c = c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c);
-    const double omega = std::acos(c);
-    const double s = std::sin(omega);
-    double c0, c1;
-    if (s < kSlerpLinearBelow) {
-        c0 = 1.0 - t;
-        c1 = t;
-    } else {
-        c0 = std::sin((1.0 - t) * omega) / s;
-        c1 = std::sin(t * omega) / s;
+const char * row_ptr(const merge_args & m, int32_t row) {
+    return (const char *) m.a->data + (int64_t) row * m.a->nb[1];
+}
+
+// The member row as f32: f32 rows in place, the others converted once into scratch.
+const float * load_row(const merge_args & m, int32_t row, float * scratch) {
+    const char * src = row_ptr(m, row);
+    switch (m.a->type) {
+        case GGML_TYPE_F32:
+            return (const float *) src;
+        case GGML_TYPE_F16:
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, scratch, m.n_embd);
+            return scratch;
+        case GGML_TYPE_BF16:
+            ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, scratch, m.n_embd);
+            return scratch;
+        default:
+            m.to_float(src, scratch, m.n_embd);
+            return scratch;
     }
-    c0 /= n0;
-    c1 /= n1;
-    double nn = 0.0;
-    for (int64_t i = 0; i < hd; ++i) {
-        out[i] = (float) (c0 * x0[i] + c1 * x1[i]);
-        nn += (double) out[i] * out[i];
+}
+
+// Members are scattered rows: ask for the next one while this one is summed.
+void prefetch_row(const merge_args & m, int32_t row) {
+    const char * p = row_ptr(m, row);
+    for (size_t off = 0; off < m.row_bytes; off += 64) {
+        __builtin_prefetch(p + off, 0, 1);
     }
-    // the linear fallback is not unit length; the slerp branch is up to rounding
-    const double inv = nn > 0.0 ? 1.0 / std::sqrt(nn) : 0.0;
-    for (int64_t i = 0; i < hd; ++i) {
-        out[i] = (float) (out[i] * inv);
+}
+
+// acc[n_embd] = the members [j0, j1) per head: sum w x, or with magnitude the direction
+// sum w x/|x|, and mag[h] = sum w |x|. Members go in chunks of kChunk so that their
+// norms (dot, sqrt, divide: a latency chain per head) overlap instead of serialising.
+void accumulate(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag,
+                float * scratch) {
+    memset(acc, 0, m.n_embd * sizeof(float));
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        mag[h] = 0.0;
     }
+    const float * rows[kChunk];
+    float coef[kChunk * kMaxHeadsFast];
+    const bool chunked = m.magnitude && m.n_head <= kMaxHeadsFast;
+    for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int32_t nc = std::min<int32_t>(kChunk, j1 - c0);
+        for (int32_t c = 0; c < nc; ++c) {
+            const int32_t j = c0 + c;
+            // members are scattered rows, the next groups' included: fetch a few ahead
+            if (j + kPrefetchAhead < m.n_src) {
+                prefetch_row(m, m.ix[j + kPrefetchAhead]);
+            }
+            rows[c] = load_row(m, m.ix[j], scratch + (int64_t) c * m.n_embd);
+        }
+        for (int32_t c = 0; c < nc; ++c) {
+            const float * x = rows[c];
+            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
+            if (!m.magnitude) {
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, x + h * m.hd, wj[h]);
+                }
+            } else if (!chunked) {
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    const double n = std::sqrt((double) dot(x + h * m.hd, x + h * m.hd, m.hd));
+                    if (n > 0.0) {  // a zero row has no direction
+                        mag[h] += wj[h] * n;
+                        ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, x + h * m.hd, (float) (wj[h] / n));
+                    }
+                }
+            } else {
+                for (int64_t h = 0; h < m.n_head; ++h) {
+                    coef[c * m.n_head + h] = dot(x + h * m.hd, x + h * m.hd, m.hd);
+                }
+            }
+        }
+        if (!chunked) {
+            continue;
+        }
+        // independent sqrt/divides for the whole chunk, then the weighted direction sums
+        for (int32_t c = 0; c < nc; ++c) {
+            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                const float n = std::sqrt(coef[c * m.n_head + h]);
+                mag[h] += (double) wj[h] * n;
+                coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
+            }
+        }
+        for (int32_t c = 0; c < nc; ++c) {
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                const float k = coef[c * m.n_head + h];
+                if (k != 0.0f) {
+                    ggml_vec_mad_f32((int) m.hd, acc + h * m.hd, rows[c] + h * m.hd, k);
+                }
+            }
+        }
+    }
+}
+
+// With magnitude: rescale each head's direction sum to the merged norm.
+void finish(const merge_args & m, float * acc, const double * mag) {
+    if (!m.magnitude) {
+        return;
+    }
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        float * oh = acc + h * m.hd;
+        const double dn = std::sqrt((double) dot(oh, oh, m.hd));
+        ggml_vec_scale_f32((int) m.hd, oh, dn > 0.0 ? (float) (mag[h] / dn) : 0.0f);
+    }
+}
+
+// Two-member group on the sphere: interpolate the unit directions, t = w1 / (w0 + w1),
+// and give the result the weighted mean norm.
+void slerp_pair(const merge_args & m, int32_t j0, float * out, float * scratch0, float * scratch1) {
+    if (j0 + kPrefetchAhead < m.n_src) {
+        prefetch_row(m, m.ix[j0 + kPrefetchAhead]);
+        prefetch_row(m, m.ix[j0 + kPrefetchAhead - 1]);
+    }
+    const float * r0 = load_row(m, m.ix[j0], scratch0);
+    const float * r1 = load_row(m, m.ix[j0 + 1], scratch1);
+    const int hd = (int) m.hd;
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        const float * x0 = r0 + h * m.hd;
+        const float * x1 = r1 + h * m.hd;
+        float * o = out + h * m.hd;
+        const double w0 = m.wt[(int64_t) j0 * m.n_head + h];
+        const double w1 = m.wt[(int64_t) (j0 + 1) * m.n_head + h];
+        const double n0 = std::sqrt((double) dot(x0, x0, hd));
+        const double n1 = std::sqrt((double) dot(x1, x1, hd));
+        const double mag = w0 * n0 + w1 * n1;
+        if (!(n0 > 0.0 && n1 > 0.0)) {
+            // a zero row has no direction: keep the other one's (or 0 if both are zero)
+            const float * x = n0 > 0.0 ? x0 : x1;
+            const double n = n0 > 0.0 ? n0 : n1;
+            memcpy(o, x, hd * sizeof(float));
+            ggml_vec_scale_f32(hd, o, n > 0.0 ? (float) (mag / n) : 0.0f);
+            continue;
+        }
+        const double wsum = w0 + w1;
+        const double t = wsum > 0.0 ? w1 / wsum : 0.5;
+        double c = dot(x0, x1, hd) / (n0 * n1);
+        c = c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c);
+        const double omega = std::acos(c);
+        const double s = std::sin(omega);
+        double c0 = 1.0 - t, c1 = t;
+        if (s >= kSlerpLinearBelow) {
+            c0 = std::sin((1.0 - t) * omega) / s;
+            c1 = std::sin(t * omega) / s;
+        }
+        // e = c0 u0 + c1 u1; the linear fallback is not unit length, so renormalise
+        memcpy(o, x0, hd * sizeof(float));
+        ggml_vec_scale_f32(hd, o, (float) (c0 / n0));
+        ggml_vec_mad_f32(hd, o, x1, (float) (c1 / n1));
+        const double ne = std::sqrt((double) dot(o, o, hd));
+        ggml_vec_scale_f32(hd, o, ne > 0.0 ? (float) (mag / ne) : 0.0f);
+    }
+}
+
+// One whole group, written straight into its output row.
+void merge_group(const merge_args & m, int64_t g, float * out, float * scratch0, float * scratch1,
+                 double * mag) {
+    const int32_t j0 = m.of[g];
+    const int32_t j1 = m.of[g + 1];
+    if (m.magnitude && m.slerp && j1 - j0 == 2) {
+        slerp_pair(m, j0, out, scratch0, scratch1);
+        return;
+    }
+    accumulate(m, j0, j1, out, mag, scratch0);
+    finish(m, out, mag);
+}
+
+// Per-thread scratch, each part 64-byte aligned: kChunk + 1 f32 rows for dequantized members,
+// two partial-sum slots (f32 row + per-head norm sums) for split groups.
+struct thread_scratch {
+    float * row0;
+    float * row1;
+    float * part[2];
+    double * mag[2];
+    double * mag_whole;
+};
+
+size_t align64(size_t n) {
+    return (n + 63) / 64 * 64;
+}
+
+size_t row_part_bytes(int64_t n_embd) {
+    return align64(sizeof(float) * (size_t) n_embd);
+}
+
+size_t mag_part_bytes(int64_t n_head) {
+    return align64(sizeof(double) * (size_t) n_head);
+}
+
+size_t thread_bytes(int64_t n_embd, int64_t n_head) {
+    return (kChunk + 3) * row_part_bytes(n_embd) + 3 * mag_part_bytes(n_head);
+}
+
+thread_scratch scratch_of(void * wdata, int ith, int64_t n_embd, int64_t n_head) {
+    char * p = (char *) wdata + thread_bytes(n_embd, n_head) * (size_t) ith;
+    const size_t rb = row_part_bytes(n_embd);
+    const size_t mb = mag_part_bytes(n_head);
+    thread_scratch s;
+    s.row0 = (float *) p;
+    s.row1 = (float *) (p + kChunk * rb);
+    s.part[0] = (float *) (p + (kChunk + 1) * rb);
+    s.part[1] = (float *) (p + (kChunk + 2) * rb);
+    s.mag[0] = (double *) (p + (kChunk + 3) * rb);
+    s.mag[1] = (double *) (p + (kChunk + 3) * rb + mb);
+    s.mag_whole = (double *) (p + (kChunk + 3) * rb + 2 * mb);
+    return s;
+}
+
+// The first member of thread t's slice of [0, n_src).
+int64_t slice_begin(int64_t n_src, int t, int nth) {
+    return n_src * t / nth;
+}
+
+// The group that holds member j (offsets are strictly increasing).
+int64_t group_of(const int32_t * of, int64_t n_group, int64_t j) {
+    return std::upper_bound(of, of + n_group + 1, (int32_t) j) - of - 1;
 }
 
 }  // namespace
 
-// Per thread: two dequantized rows and one norm accumulator per head, cache-line padded.
-static size_t merge_rows_rows_bytes(int64_t n_embd) {
-    return (sizeof(float) * 2 * (size_t) n_embd + 7) / 8 * 8;
-}
-
-static size_t merge_rows_thread_bytes(int64_t n_embd, int64_t n_head) {
-    const size_t bytes = merge_rows_rows_bytes(n_embd) + sizeof(double) * (size_t) n_head;
-    return (bytes + 63) / 64 * 64;
-}
-
 size_t ggml_compute_merge_rows_wsize(const ggml_tensor * node, int n_tasks) {
     const int64_t n_head = ggml_get_op_params_i32(node, 0);
-    return merge_rows_thread_bytes(node->src[0]->ne[0], n_head) * (size_t) n_tasks;
+    // + 64: the work buffer itself is not promised to be cache-line aligned
+    return thread_bytes(node->src[0]->ne[0], n_head) * (size_t) n_tasks + 64;
 }
 
 void ggml_compute_forward_merge_rows(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * a    = dst->src[0];
-    const ggml_tensor * idx  = dst->src[1];
-    const ggml_tensor * w    = dst->src[2];
-    const ggml_tensor * offs = dst->src[3];
+    const ggml_tensor * a = dst->src[0];
+    const int32_t flags = ggml_get_op_params_i32(dst, 1);
 
-    const int32_t n_head = ggml_get_op_params_i32(dst, 0);
-    const int32_t flags  = ggml_get_op_params_i32(dst, 1);
-    const int64_t n_embd = a->ne[0];
-    const int64_t hd     = n_embd / n_head;
+    merge_args m;
+    m.a = a;
+    m.ix = (const int32_t *) dst->src[1]->data;
+    m.wt = (const float *) dst->src[2]->data;
+    m.of = (const int32_t *) dst->src[3]->data;
+    m.n_embd = a->ne[0];
+    m.n_head = ggml_get_op_params_i32(dst, 0);
+    m.hd = m.n_embd / m.n_head;
+    m.magnitude = (flags & GGML_MERGE_ROWS_MAGNITUDE) != 0;
+    m.slerp = (flags & GGML_MERGE_ROWS_SLERP) != 0;
+    m.to_float = ggml_get_type_traits(a->type)->to_float;
+    m.row_bytes = ggml_row_size(a->type, m.n_embd);
+
     const int64_t n_group = dst->ne[1];
+    const int64_t n_src = m.of[n_group];
+    m.n_src = n_src;
+    const int ith = params->ith;
+    const int nth = params->nth;
 
-    const int32_t * ix = (const int32_t *) idx->data;
-    const float   * wt = (const float *) w->data;
-    const int32_t * of = (const int32_t *) offs->data;
+    void * wbase = (void *) (((uintptr_t) params->wdata + 63) & ~(uintptr_t) 63);
+    const thread_scratch s = scratch_of(wbase, ith, m.n_embd, m.n_head);
+    auto out_row = [&](int64_t g) { return (float *) ((char *) dst->data + g * dst->nb[1]); };
+    auto split = [&](int64_t g) { return m.of[g + 1] - m.of[g] >= kSplitMin; };
 
-    char * wbase = (char *) params->wdata + merge_rows_thread_bytes(n_embd, n_head) * params->ith;
-    float * row0 = (float *) wbase;
-    float * row1 = row0 + n_embd;
-    double * mag = (double *) (wbase + merge_rows_rows_bytes(n_embd));
+    const int64_t lo = slice_begin(n_src, ith, nth);
+    const int64_t hi = slice_begin(n_src, ith + 1, nth);
 
-    for (int64_t g = params->ith; g < n_group; g += params->nth) {
-        float * out = (float *) ((char *) dst->data + g * dst->nb[1]);
-        const int32_t j0 = of[g];
-        const int32_t j1 = of[g + 1];
-
-        const bool magnitude = (flags & GGML_MERGE_ROWS_MAGNITUDE) != 0;
-        const bool pair_slerp = magnitude && (flags & GGML_MERGE_ROWS_SLERP) && j1 - j0 == 2;
-
-        if (pair_slerp) {
-            load_row(a, ix[j0], row0);
-            load_row(a, ix[j0 + 1], row1);
-            for (int64_t h = 0; h < n_head; ++h) {
-                const float * x0 = row0 + h * hd;
-                const float * x1 = row1 + h * hd;
-                const float w0 = wt[(int64_t) j0 * n_head + h];
-                const float w1 = wt[(int64_t) (j0 + 1) * n_head + h];
-                const double n0 = std::sqrt(dot(x0, x0, hd));
-                const double n1 = std::sqrt(dot(x1, x1, hd));
-                const double m = w0 * n0 + w1 * n1;
-                float * o = out + h * hd;
-                if (n0 > 0.0 && n1 > 0.0) {
-                    slerp_head(x0, x1, n0, n1, w0, w1, hd, o);
-                    for (int64_t i = 0; i < hd; ++i) {
-                        o[i] = (float) (o[i] * m);
-                    }
-                } else {
-                    // a zero row has no direction: keep the other one's
-                    const float * x = n0 > 0.0 ? x0 : x1;
-                    const double n = n0 > 0.0 ? n0 : n1;
-                    for (int64_t i = 0; i < hd; ++i) {
-                        o[i] = n > 0.0 ? (float) (x[i] / n * m) : 0.0f;
-                    }
-                }
-            }
-            continue;
-        }
-
-        // direction (or plain weighted sum) accumulates in the output row
-        memset(out, 0, n_embd * sizeof(float));
-        for (int64_t h = 0; h < n_head; ++h) {
-            mag[h] = 0.0;
-        }
-        for (int32_t j = j0; j < j1; ++j) {
-            load_row(a, ix[j], row0);
-            for (int64_t h = 0; h < n_head; ++h) {
-                const float * x = row0 + h * hd;
-                const float wj = wt[(int64_t) j * n_head + h];
-                float * o = out + h * hd;
-                if (!magnitude) {
-                    ggml_vec_mad_f32((int) hd, o, x, wj);
-                    continue;
-                }
-                const double n = std::sqrt(dot(x, x, hd));
-                if (n <= 0.0) {
-                    continue;
-                }
-                mag[h] += wj * n;
-                ggml_vec_mad_f32((int) hd, o, x, (float) (wj / n));
-            }
-        }
-        if (magnitude) {
-            for (int64_t h = 0; h < n_head; ++h) {
-                float * o = out + h * hd;
-                const double dn = std::sqrt(dot(o, o, hd));
-                ggml_vec_scale_f32((int) hd, o, dn > 0.0 ? (float) (mag[h] / dn) : 0.0f);
-            }
+    // a split group that started before this slice and reaches into it: partial in slot 0
+    if (lo < hi) {
+        const int64_t g = group_of(m.of, n_group, lo);
+        if (m.of[g] < lo && split(g)) {
+            const int32_t end = (int32_t) std::min<int64_t>(hi, m.of[g + 1]);
+            accumulate(m, (int32_t) lo, end, s.part[0], s.mag[0], s.row0);
         }
     }
+
+    // groups that start in this slice: whole, or a split group's head part in slot 1
+    int64_t g_carry = -1;
+    const int64_t g_begin = std::lower_bound(m.of, m.of + n_group, (int32_t) lo) - m.of;
+    const int64_t g_end = std::lower_bound(m.of, m.of + n_group, (int32_t) hi) - m.of;
+    for (int64_t g = g_begin; g < g_end; ++g) {
+        if (m.of[g + 1] > hi && split(g)) {
+            accumulate(m, m.of[g], (int32_t) hi, s.part[1], s.mag[1], s.row0);
+            g_carry = g;
+        } else {
+            merge_group(m, g, out_row(g), s.row0, s.row1, s.mag_whole);
+        }
+    }
+
+    // every thread takes the same decision: is any split group crossing a boundary?
+    bool any_split = false;
+    for (int t = 1; t < nth && !any_split; ++t) {
+        const int64_t b = slice_begin(n_src, t, nth);
+        if (b <= 0 || b >= n_src) {
+            continue;
+        }
+        const int64_t g = group_of(m.of, n_group, b);
+        any_split = m.of[g] < b && split(g);
+    }
+    if (!any_split) {
+        return;
+    }
+    ggml_barrier(params->threadpool);
+
+    if (g_carry < 0) {
+        return;
+    }
+    // the thread where the split group starts sums the later threads' slot 0 and finishes it
+    float * out = out_row(g_carry);
+    memcpy(out, s.part[1], m.n_embd * sizeof(float));
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        s.mag_whole[h] = s.mag[1][h];
+    }
+    for (int t = ith + 1; t < nth; ++t) {
+        const int64_t b = slice_begin(n_src, t, nth);
+        if (b >= m.of[g_carry + 1]) {
+            break;
+        }
+        if (b == slice_begin(n_src, t + 1, nth)) {
+            continue;  // empty slice (more threads than members)
+        }
+        const thread_scratch o = scratch_of(wbase, t, m.n_embd, m.n_head);
+        ggml_vec_acc_f32((int) m.n_embd, out, o.part[0]);
+        for (int64_t h = 0; h < m.n_head; ++h) {
+            s.mag_whole[h] += o.mag[0][h];
+        }
+    }
+    finish(m, out, s.mag_whole);
 }

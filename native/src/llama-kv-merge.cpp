@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,32 @@ int32_t fail(std::string & err, int32_t code, const char * fmt, Args... args) {
 // the layout llama.cpp itself uses to write a transposed V cache.
 ggml_tensor * element_rows(ggml_context * ctx, ggml_tensor * t) {
     return ggml_reshape_2d(ctx, t, 1, ggml_nelements(t));
+}
+
+// Whether the backend that holds `cache` runs MERGE_ROWS over it in place. Where it does
+// not (Metal, Vulkan, ...), ggml's scheduler would run the op on the CPU and copy its
+// first input, the whole per-layer cache, to the host on every merge. The probe node is
+// built in a scratch context so the graph's own context is not spent on it.
+// EDGEMERGE_MERGE_GATHER=1 forces the gathered path (how the tests exercise it on the CPU).
+bool merge_in_place(const ggml_tensor * cache, int64_t n_embd, int32_t n_head) {
+    const char * force = getenv("EDGEMERGE_MERGE_GATHER");
+    if (force && force[0] == '1') {
+        return false;
+    }
+    ggml_backend_dev_t dev = cache->buffer ? ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache->buffer))
+                                           : nullptr;
+    if (dev == nullptr) {
+        return false;
+    }
+    ggml_init_params ip = { ggml_tensor_overhead() * 6, nullptr, true };
+    ggml_context * pctx = ggml_init(ip);
+    ggml_tensor * rows = ggml_new_tensor_2d(pctx, cache->type, n_embd, 2);
+    ggml_tensor * idx  = ggml_new_tensor_1d(pctx, GGML_TYPE_I32, 2);
+    ggml_tensor * w    = ggml_new_tensor_2d(pctx, GGML_TYPE_F32, n_head, 2);
+    ggml_tensor * offs = ggml_new_tensor_1d(pctx, GGML_TYPE_I32, 2);
+    const bool ok = ggml_backend_dev_supports_op(dev, ggml_merge_rows(pctx, rows, idx, w, offs, n_head, 0));
+    ggml_free(pctx);
+    return ok;
 }
 
 }  // namespace
@@ -317,14 +344,30 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
     for (ggml_tensor * t : { t_src, t_dst, t_offs, t_wk, t_wv }) {
         ggml_set_input(t);
     }
+    const int64_t n_embd_k = (int64_t) hd_k * n_head;
+    const bool k_in_place = merge_in_place(layers[0].k, n_embd_k, n_head);
+    const bool v_in_place = !v_trans && merge_in_place(layers[0].v, n_embd_v, n_head);
     if (v_trans) {
         t_vsrc = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src * n_embd_v);
         t_vdst = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, a.n_group * n_embd_v);
-        t_iota = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src);
-        for (ggml_tensor * t : { t_vsrc, t_vdst, t_iota }) {
+        for (ggml_tensor * t : { t_vsrc, t_vdst }) {
             ggml_set_input(t);
         }
     }
+    if (v_trans || !k_in_place || !v_in_place) {
+        // members of the gathered rows are 0..n_src-1, in order
+        t_iota = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src);
+        ggml_set_input(t_iota);
+    }
+    // In place: MERGE_ROWS reads the member rows straight from the cache. Gathered: get_rows
+    // (which every backend has) pulls the members out first, so a backend without the op
+    // hands the CPU only those f32 rows, not the whole cache.
+    auto merge = [&](ggml_tensor * rows2d, bool in_place, ggml_tensor * w, int32_t flags) {
+        if (in_place) {
+            return ggml_merge_rows(ctx, rows2d, t_src, w, t_offs, n_head, flags);
+        }
+        return ggml_merge_rows(ctx, ggml_get_rows(ctx, rows2d, t_src), t_iota, w, t_offs, n_head, flags);
+    };
 
     for (int32_t il = 0; il < n_layer; ++il) {
         const auto & layer = layers[il];
@@ -332,7 +375,7 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
         ggml_tensor * wv = ggml_view_2d(ctx, t_wv, n_head, n_src, t_wv->nb[1], il * t_wv->nb[2]);
 
         ggml_tensor * k2d = ggml_reshape_2d(ctx, layer.k, layer.k->ne[0], layer.k->ne[1] * layer.k->ne[2]);
-        ggml_tensor * mk  = ggml_merge_rows(ctx, k2d, t_src, wk, t_offs, n_head, a.flags_k);
+        ggml_tensor * mk  = merge(k2d, k_in_place, wk, a.flags_k);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, k2d, mk, t_dst));
 
         if (v_trans) {
@@ -342,7 +385,7 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, vel, ggml_reshape_2d(ctx, mv, 1, a.n_group * n_embd_v), t_vdst));
         } else {
             ggml_tensor * v2d = ggml_reshape_2d(ctx, layer.v, layer.v->ne[0], layer.v->ne[1] * layer.v->ne[2]);
-            ggml_tensor * mv  = ggml_merge_rows(ctx, v2d, t_src, wv, t_offs, n_head, a.flags_v);
+            ggml_tensor * mv  = merge(v2d, v_in_place, wv, a.flags_v);
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, v2d, mv, t_dst));
         }
     }
@@ -380,11 +423,17 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
     ggml_backend_tensor_set(t_wk, a.w_k ? a.w_k : uniform.data(), 0, ggml_nbytes(t_wk));
     ggml_backend_tensor_set(t_wv, a.w_v ? a.w_v : uniform.data(), 0, ggml_nbytes(t_wv));
 
-    if (v_trans) {
-        const int64_t base = sv.stream * sv.kv_size * n_embd_v;
-        std::vector<int32_t> vs(n_src * n_embd_v), vd(a.n_group * n_embd_v), iota(n_src);
+    if (t_iota) {
+        std::vector<int32_t> iota(n_src);
         for (int32_t j = 0; j < n_src; ++j) {
             iota[j] = j;
+        }
+        ggml_backend_tensor_set(t_iota, iota.data(), 0, ggml_nbytes(t_iota));
+    }
+    if (v_trans) {
+        const int64_t base = sv.stream * sv.kv_size * n_embd_v;
+        std::vector<int32_t> vs(n_src * n_embd_v), vd(a.n_group * n_embd_v);
+        for (int32_t j = 0; j < n_src; ++j) {
             for (int64_t e = 0; e < n_embd_v; ++e) {
                 vs[j * n_embd_v + e] = (int32_t) (base + e * sv.kv_size + a.src[j]);
             }
@@ -396,7 +445,6 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
         }
         ggml_backend_tensor_set(t_vsrc, vs.data(), 0, ggml_nbytes(t_vsrc));
         ggml_backend_tensor_set(t_vdst, vd.data(), 0, ggml_nbytes(t_vdst));
-        ggml_backend_tensor_set(t_iota, iota.data(), 0, ggml_nbytes(t_iota));
     }
 
     if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
