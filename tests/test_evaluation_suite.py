@@ -142,6 +142,22 @@ def test_restored_state_generates_what_a_plain_run_generates(llm: llama_cpp.Llam
     assert stopped == plain[: plain.index(plain[3])]
 
 
+def test_generate_and_force_scores_the_answer_after_the_prompt(llm: llama_cpp.Llama) -> None:
+    tokens = _prefix(llm, 120)
+    context, query, answer = tokens[:100], tokens[100:110], tokens[110:116]
+    capture = capture_kv(llm, context, n_obs=4, n_batch=N_BATCH, n_threads=2)
+    state = write_seq_state(row_major_v(capture.state))
+    with Scorer(llm._model.model, 256, n_batch=N_BATCH, n_threads=2) as scorer:
+        out, nll = scorer.generate_and_force(state, query, 100, 8, answer)
+        greedy = scorer.generate(state, query, 100, 8)
+        # the last query token and the answer, scored in one forward pass
+        reference = scorer.nll(state, np.concatenate([query, answer]), 100)[-len(answer) :]
+        one, one_nll = scorer.generate_and_force(state, query, 100, 8, answer[:1])
+    assert out == greedy == one and len(out) == 8
+    np.testing.assert_allclose(nll, reference, atol=2e-3)
+    np.testing.assert_allclose(one_nll, reference[:1], atol=2e-3)
+
+
 def test_every_row_runs_in_both_modes(run: suite.ModelResults, config: suite.SuiteConfig) -> None:
     have = {(r.row, r.mode, r.budget, r.case) for r in run.results}
     streamed = suite.streaming_cases(run.cases, config)

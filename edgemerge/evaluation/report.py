@@ -39,6 +39,16 @@ def task_scores(run: ModelResults) -> dict[tuple[str, str, int, str], float]:
     return {k: _mean(v) for k, v in acc.items()}
 
 
+def answer_nlls(run: ModelResults) -> dict[tuple[str, str, int, str], float]:
+    """Mean teacher-forced answer NLL per (row, mode, budget, task), where measured."""
+    acc: dict[tuple[str, str, int, str], list[float]] = defaultdict(list)
+    for r in run.results:
+        nll = getattr(r, "nll", math.nan)  # runs pickled before the field have none
+        if not math.isnan(nll):
+            acc[(r.row, r.mode, r.budget, run.cases[r.case].task)].append(nll)
+    return {k: _mean(v) for k, v in acc.items()}
+
+
 def _full(scores: dict, mode: str, task: str) -> float:
     return scores.get(("full", mode, 100, task), math.nan)
 
@@ -162,6 +172,7 @@ def render_model(run: ModelResults, config: SuiteConfig, plots: dict[str, str]) 
                 + f" | {_fmt(_kv_mb(run, row, mode, budget), 1)} |"
             )
         out.append("")
+        out += _nll_table(run, mode, pairs, rows)
         if mode in plots:
             out += [f"![{run.model} {mode}: score against budget]({plots[mode]})", ""]
     if "niah" in plots:
@@ -169,6 +180,26 @@ def render_model(run: ModelResults, config: SuiteConfig, plots: dict[str, str]) 
     out += _equal_bytes(run, scores, config)
     out += _speed(run)
     return "\n".join(out)
+
+
+def _nll_table(
+    run: ModelResults, mode: str, pairs: list[tuple[str, int]], rows: list[str]
+) -> list[str]:
+    """Answer-token NLL of the retrieval tasks: a continuous score beside accuracy."""
+    nlls = answer_nlls(run)
+    tasks = [t for t in _present_tasks(run) if any(k[1] == mode and k[3] == t for k in nlls)]
+    if not tasks:
+        return []
+    out = [
+        f"### {mode}: answer NLL (nats/token, teacher forced after the query; lower is better)",
+        "",
+        "| method | budget | " + " | ".join(tasks) + " |",
+        "| --- | ---: |" + " ---: |" * len(tasks),
+    ]
+    for row, budget in sorted(pairs, key=lambda p: (-p[1], rows.index(p[0]))):
+        vals = [_fmt(nlls.get((row, mode, budget, t), math.nan), 3) for t in tasks]
+        out.append(f"| {row} | {budget}% | " + " | ".join(vals) + " |")
+    return out + [""]
 
 
 def _equal_bytes(run: ModelResults, scores: dict, config: SuiteConfig) -> list[str]:

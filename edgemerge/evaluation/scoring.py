@@ -307,6 +307,59 @@ class Scorer(ContextSession):
             pos += 1
         return out
 
+    def generate_and_force(
+        self,
+        state: bytes | None,
+        prompt: np.ndarray,
+        first_pos: int,
+        max_new_tokens: int,
+        answer: np.ndarray,
+        *,
+        stop: frozenset[int] = frozenset(),
+    ) -> tuple[list[int], np.ndarray]:
+        """:meth:`generate`, then the answer teacher-forced after the prompt: one restore.
+
+        After the greedy tokens the cache is cut back to the end of the prompt and
+        ``answer[:-1]`` is decoded there; ``answer[0]`` is scored on the prompt's
+        logits, kept from the first decode.
+
+        Returns:
+            the generated token ids, and float64 ``[len(answer)]``: each answer token's
+            NLL in nats.
+
+        Raises:
+            ScoringError: as :meth:`generate`, or an empty ``answer``.
+        """
+        answer = np.asarray(answer, dtype=np.int64)
+        if answer.ndim != 1 or answer.shape[0] < 1:
+            raise ScoringError("answer needs at least one token to score")
+        prompt = np.asarray(prompt, dtype=np.int64)
+        if prompt.ndim != 1 or prompt.shape[0] < 1:
+            raise ScoringError("prompt needs at least one token (the logits come from it)")
+        if state is None:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        else:
+            self.load(state)
+        logits = self._decode(prompt, first_pos, all_logits=False)
+        first = _nll_rows(logits[-1:], answer[:1])
+        pos = end = first_pos + prompt.shape[0]
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            token = int(np.argmax(logits[-1]))
+            if token in stop:
+                break
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            logits = self._decode(np.asarray([token]), pos, all_logits=False)
+            pos += 1
+        if answer.shape[0] == 1:
+            return out, first
+        # rewind: drop the generated tokens, then force the answer after the prompt
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, end, -1)
+        rest = self._decode(answer[:-1], end, all_logits=True)
+        return out, np.concatenate([first, _nll_rows(rest, answer[1:])])
+
 
 def _nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target] per row, in float64."""

@@ -195,6 +195,9 @@ class Result:
     prefill_s: float
     merge_s: float
     answers: tuple[str, ...] = ()
+    # passkey, niah, multi_needle: mean NLL (nats/token) of the answers' tokens, teacher
+    # forced after each query (NaN for the other tasks)
+    nll: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -280,20 +283,37 @@ class _Evaluator:
         self.scorers = scorers
         self.stop = frozenset([llm.token_eos()])
 
-    def __call__(self, case: Case, state: bytes, cache_type: str) -> tuple[float, tuple[str, ...]]:
+    def __call__(
+        self, case: Case, state: bytes, cache_type: str
+    ) -> tuple[float, tuple[str, ...], float]:
+        """(score, greedy answers, mean answer NLL or NaN) of ``state`` on ``case``."""
         scorer = self.scorers[cache_type]
         first_pos = int(case.prefix.shape[0])
         if case.feed is not None:
-            return float(scorer.nll(state, case.feed, first_pos).mean()), ()
-        scores, answers = [], []
+            return float(scorer.nll(state, case.feed, first_pos).mean()), (), float("nan")
+        scores, answers, nlls = [], [], []
         for query in case.queries:
-            out = scorer.generate(
-                state, query.tokens, first_pos, query.max_new_tokens, stop=self.stop
-            )
+            if query.scorer == "exact":
+                # the query ends right before the answer, which follows after a space
+                forced = self.llm.tokenize((" " + query.answer).encode(), add_bos=False)
+                out, nll = scorer.generate_and_force(
+                    state,
+                    query.tokens,
+                    first_pos,
+                    query.max_new_tokens,
+                    np.asarray(forced),
+                    stop=self.stop,
+                )
+                nlls.append(float(nll.mean()))
+            else:
+                out = scorer.generate(
+                    state, query.tokens, first_pos, query.max_new_tokens, stop=self.stop
+                )
             text = self.llm.detokenize(out).decode("utf-8", errors="replace")
             answers.append(text)
             scores.append(tasks.score_answer(query, text))
-        return float(np.mean(scores)), tuple(answers)
+        nll_mean = float(np.mean(nlls)) if nlls else float("nan")
+        return float(np.mean(scores)), tuple(answers), nll_mean
 
 
 def _read_state(ctx: llama_cpp.llama_context_p) -> bytes:
@@ -436,7 +456,7 @@ def _offline(
     base = row_major_v(capture.state)
     n = capture.snapshot.n_tok
     per_cell = _bytes_per_cell(llm, "f16")
-    seen: dict[bytes, tuple[float, tuple[str, ...]]] = {}
+    seen: dict[bytes, tuple[float, tuple[str, ...], float]] = {}
     for row in config.rows:
         if row.method is None:
             continue
@@ -451,7 +471,7 @@ def _offline(
             state = compressed_state(base, comp)
             if state not in seen:
                 seen[state] = evaluate(case, state, "f16")
-            score, answers = seen[state]
+            score, answers, nll = seen[state]
             kv = comp.n_cells * (
                 _bytes_per_cell(llm, row.settings["key_type"])
                 if row.method == "quant"
@@ -469,6 +489,7 @@ def _offline(
                     merge_s,
                     merge_s,
                     answers,
+                    nll,
                 )
             )
 
@@ -511,10 +532,20 @@ def _streaming(
                 prefill_s = res.eval_s + res.compress_s + res.io_s
                 merge_s = res.compress_s + res.io_s
                 kv = cells * _bytes_per_cell(llm, "f16")
-            score, answers = evaluate(case, state, row.cache_type)
+            score, answers, nll = evaluate(case, state, row.cache_type)
             out.results.append(
                 Result(
-                    row.label, "streaming", pct, ci, score, cells, kv, prefill_s, merge_s, answers
+                    row.label,
+                    "streaming",
+                    pct,
+                    ci,
+                    score,
+                    cells,
+                    kv,
+                    prefill_s,
+                    merge_s,
+                    answers,
+                    nll,
                 )
             )
 
