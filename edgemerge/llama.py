@@ -240,7 +240,7 @@ class Llama(llama_cpp.Llama):
     def _compress(self, target: int) -> None:
         t0 = time.perf_counter()
         cells = kvcells.list_cells(self)
-        feats = kvmerge.kv_features(self, cells.cell)
+        feats = self._planner.features(self, cells)
         plan = self._planner.plan(cells, feats, self.n_tokens, target)
         s = self.merge_settings
         if plan.groups.n_group:
