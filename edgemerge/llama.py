@@ -170,6 +170,12 @@ class Llama(llama_cpp.Llama):
                 f"threshold: 'calibrated' but {path} carries no edgemerge calibration; run "
                 "`edgemerge calibrate` on it, or give a numeric threshold"
             )
+        if cal.settings.centre != self.merge_settings.centre:
+            raise SettingsError(
+                f"threshold: {path} was calibrated with centre={cal.settings.centre}, these "
+                f"settings say centre={self.merge_settings.centre}; use the same, or calibrate "
+                "again with `edgemerge calibrate --centre/--no-centre`"
+            )
         layers = np.asarray(self._shape.layer_ids)
         return np.asarray(cal.thresholds, np.float32)[layers]
 

@@ -399,14 +399,17 @@ def test_blockmerge_settings_switches(snapshot: KVSnapshot) -> None:
             np.testing.assert_allclose(
                 uniform.keys[:, :, c], snapshot.keys[:, :, members].mean(2), atol=1e-5
             )
-    assert get_method("blockmerge", retain_top=0.0, **base).compress(snapshot, 60).info[
-        "n_retained"
-    ] == 0
+    assert (
+        get_method("blockmerge", retain_top=0.0, **base).compress(snapshot, 60).info["n_retained"]
+        == 0
+    )
     raw = get_method("blockmerge", centre=False, **base).plan(snapshot, 60)
     centred = get_method("blockmerge", **base).plan(snapshot, 60)
     assert not np.array_equal(raw.members, centred.members)
     with pytest.raises(ValueError, match="layer_thresholds"):
-        BlockMerge(MergeSettings(threshold="calibrated", recent=32), (0.1, 0.2)).compress(snapshot, 60)
+        BlockMerge(MergeSettings(threshold="calibrated", recent=32), (0.1, 0.2)).compress(
+            snapshot, 60
+        )
     with pytest.raises(ValueError, match="calibrate"):
         get_method("blockmerge", threshold="calibrated", **base).compress(snapshot, 60)
     # per-layer thresholds of 0.5 on the similarity layers (the latter half) = threshold 0.5
