@@ -29,7 +29,7 @@ class MergePlan:
     Attributes:
         groups: the merges (empty when none are needed).
         evict_spans: int32 [k, 2] position ranges (inclusive) to evict, oldest first; each
-            is one whole set, so removing the range removes exactly its cells.
+            is one cell's span, so removing the range removes exactly that cell.
         threshold: pair score at which the sets were cut (inf: no merge needed).
         errors: float32 [n_group] estimated relative error of each merged set.
         n_before: cells before the plan.

@@ -153,8 +153,8 @@ class Plan:
         bias: float32 [n_group], attention bias of each merged cell.
         spans: int32 [n_group, 2], first and last position each merged cell covers.
         errors: float32 [n_group], estimated relative key error of each group.
-        evict_spans: int32 [n_evict, 2], position ranges (inclusive) of the evicted sets,
-            oldest first; removing a range removes exactly that set's cells.
+        evict_spans: int32 [n_evict, 2], the spans (inclusive) of the evicted cells, oldest
+            first; removing a span removes exactly that cell. Evicted sets are not merged.
         threshold: the cut, in the units of the similarity (inf: no merge needed).
         protected: bool [n], cells that were never merge candidates.
         retained: bool [n], candidates protected by ``retain_top``.
@@ -304,10 +304,9 @@ def plan(
         n_after = int(keep.sum())
     sp = np.asarray(f.spans, np.int32)
     gone = np.flatnonzero(~keep)
-    evict_spans = np.array(
-        [[sp[starts[g] : ends[g], 0].min(), sp[starts[g] : ends[g], 1].max()] for g in gone],
-        np.int32,
-    ).reshape(-1, 2)
+    # one span per evicted cell (a set that goes is not merged first)
+    gone_cells = np.concatenate([np.arange(starts[g], ends[g]) for g in gone]) if gone.size else []
+    evict_spans = sp[np.asarray(gone_cells, np.int64)].reshape(-1, 2).astype(np.int32)
 
     multi = np.flatnonzero(keep & (ends - starts > 1))
     members, offs, pivots, weights, bias, spans, errors = _groups(

@@ -169,7 +169,7 @@ class BlockMerge(CompressionMethod):
             "threshold": p.threshold,
             "met_by_merging": bool(p.keep.all()),
             "n_merged_sets": int(multi.sum()),
-            "n_evicted_cells": int((~p.keep).sum()),
+            "n_evicted_cells": len(p.evict_spans),
             "n_retained": int(p.retained.sum()),
         }
         return merged_cells(
