@@ -404,7 +404,7 @@ def test_blockmerge_settings_switches(snapshot: KVSnapshot) -> None:
         == 0
     )
     raw = get_method("blockmerge", centre=False, **base).plan(snapshot, 60)
-    centred = get_method("blockmerge", **base).plan(snapshot, 60)
+    centred = get_method("blockmerge", centre=True, **base).plan(snapshot, 60)
     assert not np.array_equal(raw.members, centred.members)
     with pytest.raises(ValueError, match="layer_thresholds"):
         BlockMerge(MergeSettings(threshold="calibrated", recent=32), (0.1, 0.2)).compress(
