@@ -21,7 +21,15 @@ from edgemerge.evaluation.texts import (
 )
 
 DEFAULT_MODELS = ("qwen2.5-coder-0.5b", "gemma-3-270m")
-ABLATION_SWITCHES = ("centre", "retention", "gaussian", "magnitude", "bias")
+# BlockMerge's ingredients and the MergeSettings that switch each one off (a flat kernel,
+# sigma 1e6, gives plain mass shares)
+ABLATION_SWITCHES: dict[str, dict[str, object]] = {
+    "centre": {"centre": False},
+    "retention": {"retain_top": 0.0},
+    "gaussian": {"sigma": 1e6},
+    "magnitude": {"magnitude": False},
+    "bias": {"attention_bias": False},
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ MAIN_ROWS: tuple[Row, ...] = (
     Row("blockmerge", "blockmerge"),
 )
 ABLATION_ROWS: tuple[Row, ...] = tuple(
-    Row(f"blockmerge, no {switch}", "blockmerge", {switch: False}, group="ablation")
-    for switch in ABLATION_SWITCHES
+    Row(f"blockmerge, no {switch}", "blockmerge", off, group="ablation")
+    for switch, off in ABLATION_SWITCHES.items()
 )
 
 

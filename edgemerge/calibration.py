@@ -2,18 +2,18 @@
 
 Raw key similarities mean nothing across models or even across layers
 (DESIGN-NOTES §3): what a planner needs per layer is "how similar is similar
-*here*". ``edgemerge calibrate`` runs the model over calibration text, takes
-the centred adjacent-key cosine of every pair in every mergeable layer
-(averaged over heads), and sets each layer's threshold at the quantile that
-leaves the fraction of pairs the budget needs above it: with budget ``b``
-(the share of cells kept), a fraction ``1 - b`` of pairs must join, so the
-threshold is the ``b``-quantile of that layer's pair scores. The planner then
-scores a pair by its similarity minus the layer's threshold, averaged over the
-similarity layers (``MergeSettings(threshold="calibrated")``). Averaging per-layer
-offsets shifts every pair by one constant, so what calibration sets is the cut
-(how similar a pair must be before it merges without the budget asking), not the
-order in which pairs merge; docs/convert.md has the measurement against global
-thresholds (``bench/calibration_vs_global.py``).
+*here*". ``edgemerge calibrate`` runs the model over calibration text, takes the
+adjacent-key cosine of every pair in every mergeable layer (centred or not, as
+``MergeSettings.centre`` says; averaged over heads), and sets each layer's
+threshold at the quantile that leaves the fraction of pairs the budget needs above
+it: with budget ``b`` (the share of cells kept), a fraction ``1 - b`` of pairs
+must join, so the threshold is the ``b``-quantile of that layer's pair scores. The
+planner then scores a pair by its similarity minus the layer's threshold, averaged
+over the similarity layers (``MergeSettings(threshold="calibrated")``). Averaging
+per-layer offsets shifts every pair by one constant, so what calibration sets is
+the cut (how similar a pair must be before it merges without the budget asking),
+not the order in which pairs merge; docs/convert.md has the measurement against
+global thresholds (``bench/calibration_vs_global.py``).
 
 Metadata, version 1, in a copy of the GGUF (every original key and tensor kept,
 so stock llama.cpp still loads it):
@@ -25,11 +25,13 @@ so stock llama.cpp still loads it):
   (uint32), ``edgemerge.calibration.text`` (string: where the text came from)
 - ``edgemerge.calibration.n_head_kv`` (uint32) and ``edgemerge.calibration.head_mean`` /
   ``head_std`` (float32 arrays, ``n_layer * n_head_kv``, layer-major; NaN for layers
-  that are not merged): mean and standard deviation of each head's centred adjacent
+  that are not merged): mean and standard deviation of each head's adjacent
   similarity on the calibration text, so the file says how similar "similar" is per
   head, not only where each layer's cut lies
 - ``edgemerge.merge.<field>``: the MergeSettings the calibration assumed
-  (``MergeSettings.to_dict``), so the file says how it was meant to be used.
+  (``MergeSettings.to_dict``), so the file says how it was meant to be used;
+  ``edgemerge.merge.centre`` says which cosine the thresholds are on (a file
+  without it predates the setting and was centred).
 """
 
 from __future__ import annotations
@@ -108,12 +110,19 @@ def calibrate(
     text: str = "",
     settings: MergeSettings | None = None,
 ) -> Calibration:
-    """Run the model over ``tokens`` and derive per-layer thresholds for ``budget``."""
+    """Run the model over ``tokens`` and derive per-layer thresholds for ``budget``.
+
+    The similarities are centred or not as ``settings.centre`` says (default
+    ``MergeSettings().centre``): thresholds only mean something on the cosine the
+    runtime computes, so the stored settings record it and ``edgemerge.Llama``
+    refuses a calibration made with the other choice.
+    """
     from edgemerge.capture import capture_kv
     from edgemerge.reference.similarity import adjacent_similarity
 
+    base = settings or MergeSettings()
     cap = capture_kv(str(model_path), tokens, n_obs=0, flash_attn=True)
-    sim = adjacent_similarity(cap.keys, centre=True)
+    sim = adjacent_similarity(cap.keys, centre=base.centre)
     per = layer_thresholds(sim, budget)
     n_model_layers = int(cap.layout.n_layer)
     merged = np.asarray(cap.layers)
@@ -123,7 +132,6 @@ def calibrate(
     head_std = np.full_like(head_mean, np.nan)
     head_mean[merged] = sim.mean(axis=2, dtype=np.float64)
     head_std[merged] = sim.std(axis=2, dtype=np.float64)
-    base = settings or MergeSettings()
     used = dataclasses.replace(base, threshold=CALIBRATED, budget=float(budget))
     return Calibration(thresholds, float(budget), len(tokens), text, used, head_mean, head_std)
 
@@ -239,6 +247,7 @@ def read_calibration(path: str | Path) -> Calibration | None:
             elif isinstance(v, float):
                 v = float(f"{v:.7g}")  # stored as float32
             settings[name] = v
+    settings.setdefault("centre", True)  # calibrations before the setting were centred
     thresholds = np.asarray(value("calibration.thresholds"), np.float32)
     head_mean = head_std = None
     if PREFIX + "calibration.n_head_kv" in fields:
@@ -273,7 +282,13 @@ def default_text() -> tuple[str, str]:
 
 
 def run_calibrate(
-    model: str, output: str, text_file: str | None, budget: float, max_tokens: int
+    model: str,
+    output: str,
+    text_file: str | None,
+    budget: float,
+    max_tokens: int,
+    *,
+    centre: bool = MergeSettings.centre,
 ) -> Path:
     """The ``edgemerge calibrate`` command: returns the written file."""
     import llama_cpp
@@ -294,5 +309,5 @@ def run_calibrate(
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     tokens = vocab.tokenize(text.encode())[:max_tokens]
     del vocab
-    cal = calibrate(path, tokens, budget=budget, text=source)
+    cal = calibrate(path, tokens, budget=budget, text=source, settings=MergeSettings(centre=centre))
     return write_calibrated(path, out, cal)

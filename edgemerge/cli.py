@@ -209,7 +209,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgemerge.calibration import CalibrationError, read_calibration, run_calibrate
 
     try:
-        out = run_calibrate(args.model, args.output, args.text, args.budget, args.tokens)
+        out = run_calibrate(
+            args.model, args.output, args.text, args.budget, args.tokens, centre=args.centre
+        )
     except CalibrationError as exc:
         raise CliError(str(exc)) from exc
     cal = read_calibration(out)
@@ -297,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--text", default=None, help="calibration text (default: system text)")
     cal.add_argument("--budget", type=float, default=0.5, help="share of cells kept, (0, 1]")
     cal.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
+    cal.add_argument(
+        "--centre",
+        action=argparse.BooleanOptionalAction,
+        default=MergeSettings.centre,
+        help="thresholds on centred cosines (must match MergeSettings.centre at run time)",
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     from edgemerge.evaluation.bench_cli import add_arguments

@@ -203,6 +203,12 @@ class Llama(llama_cpp.Llama):
                 f"threshold: 'calibrated' but {path} carries no edgemerge calibration; run "
                 "`edgemerge calibrate` on it, or give a numeric threshold"
             )
+        if cal.settings.centre != self.merge_settings.centre:
+            raise SettingsError(
+                f"threshold: {path} was calibrated with centre={cal.settings.centre}, these "
+                f"settings say centre={self.merge_settings.centre}; use the same, or calibrate "
+                "again with `edgemerge calibrate --centre/--no-centre`"
+            )
         layers = np.asarray(self._shape.layer_ids)
         return np.asarray(cal.thresholds, np.float32)[layers]
 
@@ -314,7 +320,7 @@ class Llama(llama_cpp.Llama):
     def _compress(self, target: int) -> None:
         t0 = time.perf_counter()
         cells = kvcells.list_cells(self)
-        feats = kvmerge.kv_features(self, cells.cell)
+        feats = self._planner.features(self, cells)
         plan = self._planner.plan(cells, feats, self.n_tokens, target)
         s = self.merge_settings
         if self._recall is not None:

@@ -24,30 +24,44 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """How the KV cache is kept inside its budget.
+    """How the KV cache is kept inside its budget (the rule: :mod:`edgemerge.policy`).
+
+    When a sequence would pass ``budget + slack`` cells, BlockMerge merges runs of
+    similar neighbouring cells into one until the next chunk fits in ``budget``.
 
     Attributes:
         budget: cells a sequence may occupy. An int is an absolute cell count (>= 1); a
             float in (0, 1] is a fraction of the logical context so far.
-        block_size: tokens per block; only sealed (full) blocks are merge candidates.
-        sinks: leading tokens (attention sinks) that are never merged.
-        recent: most recent tokens that are never merged.
-        threshold: centred adjacent-key cosine similarity at which neighbours may merge,
-            in [-1, 1], or "calibrated" for per-layer thresholds stored in the GGUF by
-            ``edgemerge calibrate``. When the budget needs more, it relaxes.
+        block_size: positions per block; a merge set never spans two blocks, so it holds
+            at most block_size cells.
+        sinks: leading positions (attention sinks) that are never merged or evicted.
+        recent: most recent positions that are never merged or evicted.
+        threshold: score at which neighbours merge, in [-1, 1]: the adjacent-key cosine
+            averaged over the similarity layers and all heads. Every pair at or above it
+            merges; below it, only as many as the budget needs. 1 merges only what the
+            budget needs; "calibrated" uses per-layer thresholds stored in the GGUF by
+            ``edgemerge calibrate``.
         similarity_layers: cache layers whose similarity counts: "latter_half" or a tuple
             of cache-layer indices.
-        retain_top: fraction of the merge candidates kept verbatim because they carry the
-            most attention-mass proxy (key norm distinctiveness), in [0, 1).
-        sigma: Gaussian-kernel width relative to the mean key distance inside a set
-            (> 0), for the merge weights around the pivot.
-        magnitude: merge directions and norms separately (magnitude retention).
-        attention_bias: give a merged cell log(members) as attention bias.
+        centre: subtract the mean key of the sequence's cells (per layer and head) before
+            the cosine; off, the raw cosine, which runs higher (so merges more at the
+            same threshold).
+        retain_top: fraction (rounded down) of the mergeable cells kept verbatim because
+            they are least similar to both neighbours, in [0, 1).
+        sigma: Gaussian-kernel width relative to the mean distance to the pivot inside a
+            set (> 0); the merge weights are that kernel times each member's mass. A large
+            sigma (1e6) gives plain mass shares.
+        magnitude: merge key directions and norms separately (magnitude retention, SLERP
+            for pairs); values always merge by the weighted mean.
+        attention_bias: give a merged cell log(tokens it stands for) as attention bias,
+            and count those tokens as its mass when choosing pivots and weights.
         slack: cells past the budget tolerated before a merge runs (amortises planning).
-        max_merge_error: largest relative key reconstruction error a merge set may have;
-            larger sets are split, not merged. In (0, 2].
+        max_merge_error: largest estimated relative key error of a merge (for two unit
+            keys with cosine c: sqrt(2 - 2 sqrt((1 + c) / 2)), on the averaged cosine);
+            neighbours over it never merge. In (0, 2].
         eviction: what happens when merging alone cannot meet the budget: "position"
-            evicts the oldest unprotected cells; "none" raises an error instead.
+            evicts whole sets, oldest first (retained cells last, sinks and recent
+            never); "none" raises an error instead.
         recall: keep the original K/V of every merged or evicted cell in a block store
             (host RAM, then a file) and, at the end of each prompt (a chat turn), bring
             back the stored blocks the prompt's last queries attend to most, exact, at
@@ -68,6 +82,7 @@ class MergeSettings:
     recent: int = 256
     threshold: float | str = 0.5
     similarity_layers: str | tuple[int, ...] = LATTER_HALF
+    centre: bool = True
     retain_top: float = 0.05
     sigma: float = 1.0
     magnitude: bool = True
@@ -110,6 +125,7 @@ class MergeSettings:
                     "layer indices >= 0"
                 )
             object.__setattr__(self, "similarity_layers", layers)
+        _check_bool("centre", self.centre)
         _check_float("retain_top", self.retain_top, 0.0, 1.0, hi_open=True)
         _check_float("sigma", self.sigma, 0.0, 1e6, lo_open=True)
         _check_bool("magnitude", self.magnitude)

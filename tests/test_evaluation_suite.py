@@ -34,7 +34,7 @@ ROWS = (
     suite.Row(
         "blockmerge",
         "blockmerge",
-        {"n_recent": SMALL_RECENT, "block_size": 8},
+        {"recent": SMALL_RECENT, "block_size": 8},
         "native",
         merge=True,
     ),

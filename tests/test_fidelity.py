@@ -25,14 +25,19 @@ from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v  
 from edgemerge.evaluation.texts import Document, FidelityInputError, plain_context  # noqa: E402
 from edgemerge.methods import get_method  # noqa: E402
 
-SMALL_BLOCKMERGE = {"n_recent": 16, "block_size": 8}
+SMALL_BLOCKMERGE = {"recent": 16, "block_size": 8}
 ROWS = (
     Row("full", "full", budgets=(100,)),
     Row("quant q8_0", "quant", {"key_type": "q8_0"}, budgets=(100,)),
     Row("streaming_llm", "streaming_llm"),
     Row("blockmerge", "blockmerge", SMALL_BLOCKMERGE),
-    Row("blockmerge, wide window", "blockmerge", {"n_recent": 200}),
-    Row("blockmerge, no bias", "blockmerge", {**SMALL_BLOCKMERGE, "bias": False}, group="ablation"),
+    Row("blockmerge, wide window", "blockmerge", {"recent": 200}),
+    Row(
+        "blockmerge, no bias",
+        "blockmerge",
+        {**SMALL_BLOCKMERGE, "attention_bias": False},
+        group="ablation",
+    ),
 )
 
 

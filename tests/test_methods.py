@@ -23,13 +23,15 @@ from edgemerge.methods import (
     get_method,
 )
 from edgemerge.methods.kvmerger import paper_layers
+from edgemerge.policy import BudgetError
 from edgemerge.reference.error import compressed_attention_error
 from edgemerge.reference.ggml_quants import dequantize_rows, quantize_rows
+from edgemerge.settings import MergeSettings
 
 N_TOK = 160
 
 # settings that fit a 160-token snapshot (blockmerge's default recent window is 256)
-SMALL = {"blockmerge": {"n_recent": 32}, "kvmerger": {"n_recent": 8}}
+SMALL = {"blockmerge": {"recent": 32}, "kvmerger": {"n_recent": 8}}
 
 
 def make_snapshot(
@@ -143,7 +145,7 @@ def test_registry_and_get_method_errors() -> None:
         "blockmerge",
         "quant",
     }
-    assert isinstance(get_method("blockmerge", n_recent=8), BlockMerge)
+    assert isinstance(get_method("blockmerge", recent=8), BlockMerge)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
     with pytest.raises(ValueError, match="no setting"):
@@ -151,7 +153,7 @@ def test_registry_and_get_method_errors() -> None:
     with pytest.raises(Exception, match="frozen|cannot assign"):
         get_method("full").name = "x"  # type: ignore[misc]
     with pytest.raises(Exception, match="frozen|cannot assign"):
-        BlockMerge().block_size = 4  # type: ignore[misc]
+        BlockMerge().settings = MergeSettings()  # type: ignore[misc]
 
 
 # --- data types ---------------------------------------------------------------------------
@@ -321,29 +323,25 @@ def merged_sets(out: CompressedKV) -> list[np.ndarray]:
 
 
 def test_blockmerge_protects_sinks_recent_and_retained(snapshot: KVSnapshot) -> None:
-    method = BlockMerge(n_recent=32, retain_fraction=0.05)
+    method = get_method("blockmerge", recent=32, retain_top=0.05)
+    assert method.settings == MergeSettings(recent=32, retain_top=0.05)
     out = method.compress(snapshot, 70)
     check_compressed(snapshot, out, 70)
-    retained = out.info["n_retained"]
-    assert retained == math.ceil(0.05 * 112)  # candidate blocks: 1..7 (tokens 16..127)
+    # positions are 3..162: sinks are positions < 16 (13 cells), recent >= 163 - 32
+    n_cand = N_TOK - 13 - 32
+    assert out.info["n_retained"] == math.floor(0.05 * n_cand)
+    pos = snapshot.positions
     for members in merged_sets(out):
-        assert members[0] >= 16 and members[-1] < N_TOK - 32
-    top = np.argsort(-snapshot.importance[16:128], kind="stable")[:retained] + 16
-    for t in top:
-        cell = (
-            int(
-                np.searchsorted(
-                    out.member_offsets, np.flatnonzero(out.member_index == t)[0], side="right"
-                )
-            )
-            - 1
-        )
-        assert out.members(cell).tolist() == [t]
+        assert members[0] >= 13 and members[-1] < N_TOK - 32
+        assert len(set((pos[members] // 16).tolist())) == 1  # never across a block
+    plan = method.plan(snapshot, 70)
+    for t in np.flatnonzero(plan.retained):
+        assert [t] in [out.members(c).tolist() for c in range(out.n_cells)]
 
 
 def test_blockmerge_merges_identical_blocks_exactly() -> None:
     kv = block_snapshot()
-    method = BlockMerge(n_recent=16, retention=False)
+    method = get_method("blockmerge", sinks=16, recent=16, retain_top=0.0)
     out = method.compress(kv, 6 + 16 + 16)  # sink block + 6 candidate blocks + recent
     assert out.n_cells == 38 and out.info["met_by_merging"]
     sizes = np.diff(out.member_offsets)
@@ -353,122 +351,93 @@ def test_blockmerge_merges_identical_blocks_exactly() -> None:
     assert np.all(out.error < 1e-6)
     err = compressed_attention_error(kv.queries, kv.keys, kv.values, out.keys, out.values, out.bias)
     assert np.all(err < 1e-5)  # identical keys + log-mass bias: attention is unchanged
-    no_bias = BlockMerge(n_recent=16, retention=False, bias=False).compress(kv, 38)
-    assert np.all(no_bias.bias == 0)
+    no_bias = get_method("blockmerge", sinks=16, recent=16, retain_top=0.0, attention_bias=False)
+    no_bias_out = no_bias.compress(kv, 38)
+    assert np.all(no_bias_out.bias == 0)
     err2 = compressed_attention_error(
-        kv.queries, kv.keys, kv.values, no_bias.keys, no_bias.values, no_bias.bias
+        kv.queries, kv.keys, kv.values, no_bias_out.keys, no_bias_out.values, no_bias_out.bias
     )
     assert np.all(err2 > 10 * err + 1e-3)
 
 
-def boundary_snapshot() -> KVSnapshot:
-    """Blocks 1 and 2 have different mean keys but near-identical keys at their boundary."""
-    rng = np.random.default_rng(5)
-    a, b, c = (rng.standard_normal((1, 1, 32)) * 3 for _ in range(3))
-    keys = np.concatenate(
-        [
-            rng.standard_normal((1, 1, 16, 32)) * 3,  # sink block
-            np.repeat(a[:, :, None], 15, axis=2),
-            c[:, :, None],  # block 1: a ... a c
-            c[:, :, None],
-            np.repeat(b[:, :, None], 15, axis=2),  # block 2: c b ... b
-            rng.standard_normal((1, 1, 16, 32)) * 3,
-        ],  # recent
-        axis=2,
-    ) + 0.01 * rng.standard_normal((1, 1, 64, 32))
-    return KVSnapshot(
-        keys.astype(np.float32),
-        rng.standard_normal((1, 1, 64, 32)).astype(np.float32),
-        np.arange(64, dtype=np.int32),
-        importance=np.ones(64, np.float32),
-    )
-
-
-def test_blockmerge_crosses_a_block_boundary_only_for_close_signatures() -> None:
-    kv = boundary_snapshot()
-    kw = dict(n_recent=16, retention=False, error_check=False, value_margin=0.0)
-    gated = BlockMerge(**kw).compress(kv, 16 + 16 + 3)
-    for members in merged_sets(gated):
-        assert not (members[0] < 32 <= members[-1])  # never spans blocks 1 and 2
-    open_ = BlockMerge(boundary_max_hamming=64, **kw).compress(kv, 16 + 16 + 3)
-    assert any(m[0] < 32 <= m[-1] for m in merged_sets(open_))
-
-
-def test_blockmerge_error_check_splits_sets(snapshot: KVSnapshot) -> None:
-    loose = BlockMerge(n_recent=32, error_check=False).compress(snapshot, 60)
-    assert loose.info["n_error_cuts"] == 0
-    tight = BlockMerge(n_recent=32, key_error_tolerance=0.05, attention_error_tolerance=0.01)
+def test_blockmerge_error_tolerance_bars_pairs(snapshot: KVSnapshot) -> None:
+    loose = get_method("blockmerge", recent=32, max_merge_error=2.0).compress(snapshot, 60)
+    assert loose.info["met_by_merging"]
+    tight = get_method("blockmerge", recent=32, max_merge_error=0.2)
+    plan = tight.plan(snapshot, 60)
+    assert plan.n_group and np.all(plan.errors <= 0.2)
     out = tight.compress(snapshot, 60)
-    assert out.info["n_error_cuts"] > 0
-    assert np.all(out.error <= 0.05 + 1e-6)
-    assert out.n_cells <= 60 and out.evicted.size > 0  # splitting forced the fallback
+    assert out.n_cells <= 60 and out.evicted.size > 0  # fewer pairs may join: evictions
 
 
 def test_blockmerge_eviction_fallback_order(snapshot: KVSnapshot) -> None:
-    kw = dict(n_recent=32, min_threshold=2.0)  # no pair can ever merge
-    out = BlockMerge(retention=False, **kw).compress(snapshot, 48 + 3)
+    kw = dict(recent=32, max_merge_error=1e-9)  # no pair of these keys can merge
+    # 13 sink cells (positions 3..15) and 32 recent ones stay: 3 cells of the middle fit
+    out = get_method("blockmerge", retain_top=0.0, **kw).compress(snapshot, 48)
     assert not out.info["met_by_merging"] and out.info["n_merged_sets"] == 0
-    middle = out.member_index[16:-32].tolist()
-    assert middle == [125, 126, 127]  # oldest evicted first; the partial tail block is middle too
-    out = BlockMerge(retention=False, eviction_order="importance", **kw).compress(snapshot, 51)
-    imp = snapshot.importance
-    expect = sorted(np.argsort(-imp[16:128], kind="stable")[:3] + 16)
-    assert out.member_index[16:-32].tolist() == expect
-    out = BlockMerge(retain_fraction=0.05, **kw).compress(snapshot, 51)
-    retained_top = np.sort(np.argsort(-imp[16:128], kind="stable")[:6] + 16)
+    assert out.member_index[13:-32].tolist() == [125, 126, 127]  # the oldest go first
+    method = get_method("blockmerge", retain_top=0.05, **kw)
+    retained = np.flatnonzero(method.plan(snapshot, 48).retained)
+    assert retained.size == 5
+    out = method.compress(snapshot, 48)
     # non-retained cells go first, then the oldest retained ones
-    assert out.member_index[16:-32].tolist() == retained_top[-3:].tolist()
-    out = BlockMerge(**kw).compress(snapshot, 48)  # the minimum: sinks and recent only
-    assert out.member_index.tolist() == list(range(16)) + list(range(N_TOK - 32, N_TOK))
+    assert out.member_index[13:-32].tolist() == retained[-3:].tolist()
+    with pytest.raises(BudgetError, match="eviction"):
+        get_method("blockmerge", eviction="none", **kw).compress(snapshot, 60)
 
 
-def test_blockmerge_ablation_switches(snapshot: KVSnapshot) -> None:
-    base = dict(n_recent=32, error_check=False)
-    ref = BlockMerge(**base).compress(snapshot, 60)
-    uniform = BlockMerge(gaussian=False, magnitude=False, **base).compress(snapshot, 60)
+def test_blockmerge_settings_switches(snapshot: KVSnapshot) -> None:
+    base = dict(recent=32)
+    ref = get_method("blockmerge", **base).compress(snapshot, 60)
+    uniform = get_method("blockmerge", sigma=1e6, magnitude=False, **base).compress(snapshot, 60)
     for c in range(uniform.n_cells):
         members = uniform.members(c)
         if members.size > 1:
             np.testing.assert_allclose(
-                uniform.values[:, :, c],
-                snapshot.values[:, :, members].mean(2),
-                rtol=1e-5,
-                atol=1e-6,
+                uniform.values[:, :, c], snapshot.values[:, :, members].mean(2), atol=1e-5
             )
             np.testing.assert_allclose(
-                uniform.keys[:, :, c], snapshot.keys[:, :, members].mean(2), rtol=1e-5, atol=1e-5
+                uniform.keys[:, :, c], snapshot.keys[:, :, members].mean(2), atol=1e-5
             )
-    assert BlockMerge(retention=False, **base).compress(snapshot, 60).info["n_retained"] == 0
-    raw = BlockMerge(centre=False, **base).compress(snapshot, 60)
-    assert raw.info["threshold"] != ref.info["threshold"]
+    assert (
+        get_method("blockmerge", retain_top=0.0, **base).compress(snapshot, 60).info["n_retained"]
+        == 0
+    )
+    raw = get_method("blockmerge", centre=False, **base).plan(snapshot, 60)
+    centred = get_method("blockmerge", centre=True, **base).plan(snapshot, 60)
+    assert not np.array_equal(raw.members, centred.members)
     with pytest.raises(ValueError, match="layer_thresholds"):
-        BlockMerge(layer_thresholds=(0.1, 0.2), **base).compress(snapshot, 60)
-    ref = BlockMerge(min_threshold=-5.0, **base).compress(snapshot, 60)
-    calibrated = BlockMerge(min_threshold=-5.0, layer_thresholds=(0.0, 0.0, 0.5, 0.5), **base)
+        BlockMerge(MergeSettings(threshold="calibrated", recent=32), (0.1, 0.2)).compress(
+            snapshot, 60
+        )
+    with pytest.raises(ValueError, match="calibrate"):
+        get_method("blockmerge", threshold="calibrated", **base).compress(snapshot, 60)
+    # per-layer thresholds of 0.5 on the similarity layers (the latter half) = threshold 0.5
+    calibrated = get_method(
+        "blockmerge", threshold="calibrated", layer_thresholds=(0.0, 0.0, 0.5, 0.5), **base
+    )
     shifted = calibrated.compress(snapshot, 60)
     assert shifted.info["threshold"] == pytest.approx(ref.info["threshold"] - 0.5, abs=1e-5)
     np.testing.assert_array_equal(shifted.member_offsets, ref.member_offsets)
-    for bad in (
-        dict(block_size=0),
-        dict(retain_fraction=1.5),
-        dict(sigma_rel=0.0),
-        dict(value_mode="max"),
-        dict(min_threshold=math.nan),
-    ):
+    for bad in (dict(block_size=0), dict(retain_top=1.5), dict(sigma=0.0), dict(centre="yes")):
         with pytest.raises(ValueError):
-            BlockMerge(**bad)
+            get_method("blockmerge", **bad)
+    with pytest.raises(ValueError, match="no setting.*n_recent"):
+        get_method("blockmerge", n_recent=8)
 
 
-def test_blockmerge_without_importance_or_queries(snapshot: KVSnapshot) -> None:
+def test_blockmerge_ignores_importance_and_queries(snapshot: KVSnapshot) -> None:
+    """The offline rule is the online one: it decides from the keys alone."""
     bare = make_snapshot(importance=False, queries=False)
-    out = BlockMerge(n_recent=32).compress(bare, 64)  # keydiff proxy for pivots and retention
+    method = get_method("blockmerge", recent=32)
+    out, ref = method.compress(bare, 64), method.compress(snapshot, 64)
     check_compressed(bare, out, 64)
-    with pytest.raises(ValueError, match="importance"):
-        BlockMerge(n_recent=32, importance_source="importance").compress(bare, 64)
+    np.testing.assert_array_equal(out.member_offsets, ref.member_offsets)
+    np.testing.assert_array_equal(out.keys, ref.keys)
 
 
 def test_compressing_again_accumulates_mass(snapshot: KVSnapshot) -> None:
-    method = BlockMerge(n_recent=32, error_check=False)
+    method = get_method("blockmerge", recent=32)
     first = method.compress(snapshot, 100)
     again_kv = first.to_snapshot()
     second = method.compress(again_kv, 60)
@@ -509,7 +478,7 @@ def test_random_snapshots_and_budgets(n_tok, seed, name, data) -> None:
         queries=rng.standard_normal((2, 2, 4, 32)).astype(np.float32),
         query_positions=np.full(4, 10**6, np.int32),
     )
-    settings_ = {"blockmerge": {"n_recent": 8, "block_size": 4}, "kvmerger": {"n_recent": 4}}
+    settings_ = {"blockmerge": {"recent": 8, "block_size": 4}, "kvmerger": {"n_recent": 4}}
     method = get_method(name, **settings_.get(name, {}))
     budget = data.draw(st.integers(method.min_budget(n_tok), n_tok + 2))
     out = method.compress(kv, budget)

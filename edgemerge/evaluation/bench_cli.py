@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import platform
@@ -32,6 +33,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("--no-rss", action="store_true", help="skip the child-process RSS probes")
+    ap.add_argument(
+        "--rows", nargs="+", metavar="LABEL", help="run only these rows (e.g. full blockmerge)"
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="FIELD=VALUE",
+        help="MergeSettings fields for the BlockMerge rows, offline and native "
+        "(e.g. centre=false threshold=1)",
+    )
     ap.add_argument(
         "--out", type=Path, help="markdown report (default: docs/results.md; --quick: none)"
     )
@@ -68,7 +79,40 @@ def config_from_args(args: argparse.Namespace) -> suite.SuiteConfig:
         changes["n_threads"] = args.threads
     if args.no_rss:
         changes["rss"] = False
+    if args.rows:
+        known = [r.label for r in config.rows]
+        unknown = [label for label in args.rows if label not in known]
+        if unknown:
+            raise ValueError(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(known)}")
+        changes["rows"] = tuple(r for r in config.rows if r.label in args.rows)
+        if config.streaming_rows is not None:
+            changes["streaming_rows"] = tuple(x for x in config.streaming_rows if x in args.rows)
+    if args.merge:
+        changes["merge"] = tuple(_merge_field(text) for text in args.merge)
     return suite.replace(config, **changes)
+
+
+def _merge_field(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` as a MergeSettings field and a value of its type."""
+    from edgemerge.settings import MergeSettings
+
+    name, eq, raw = text.partition("=")
+    defaults = {f.name: f.default for f in dataclasses.fields(MergeSettings)}
+    if not eq or name not in defaults:
+        raise ValueError(
+            f"--merge {text!r}: want FIELD=VALUE with FIELD among {', '.join(defaults)}"
+        )
+    default = defaults[name]
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise ValueError(f"--merge {text!r}: {name} takes true or false")
+        return name, raw.lower() in ("true", "on", "1")
+    for kind in (int, float):
+        try:
+            return name, kind(raw)
+        except ValueError:
+            pass
+    return name, raw
 
 
 def machine_line(threads: int) -> str:

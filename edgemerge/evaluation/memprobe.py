@@ -36,6 +36,7 @@ class Probe:
     tokens: list[int]
     n_decode: int
     recent: int
+    merge: tuple[tuple[str, object], ...] = ()  # other MergeSettings fields
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def run(probe: Probe) -> Measured:
         n_threads=probe.n_threads,
         budget=probe.budget,
         recent=probe.recent,
+        merge_fields=dict(probe.merge),
     )
     try:
         n_vocab = llm.n_vocab()

@@ -89,7 +89,7 @@ ROWS: tuple[Row, ...] = (
     Row("snapkv", "snapkv"),
     # the paper's rule with epsilon above any cosine, so the budget alone sets the cut
     Row("kvmerger", "kvmerger", {"threshold": 1.01}),
-    Row("blockmerge", "blockmerge", {"n_recent": BENCH_RECENT}, "native", merge=True),
+    Row("blockmerge", "blockmerge", {"recent": BENCH_RECENT}, "native", merge=True),
     Row("blockmerge + q8_0", None, streaming="native", cache_type="q8_0", merge=True),
 )
 
@@ -125,6 +125,8 @@ class SuiteConfig:
     n_threads: int | None = None
     rss: bool = True
     merge_recent: int = BENCH_RECENT  # MergeSettings.recent of the native merging rows
+    # MergeSettings fields for every BlockMerge row, offline and native (e.g. centre)
+    merge: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -134,8 +136,14 @@ class SuiteConfig:
         bad = sorted(set(self.modes) - set(MODES))
         if bad or not self.modes:
             raise ValueError(f"modes must be among {MODES}, got {self.modes}")
+        MergeSettings.from_dict(dict(self.merge))  # an unknown or bad field fails now
         if self.n_context < 256 or self.n_batch < 16:
             raise ValueError("n_context must be >= 256 and n_batch >= 16")
+
+    def method_settings(self, row: Row) -> dict[str, object]:
+        """The registry settings of ``row``'s offline method (``merge`` for BlockMerge)."""
+        extra = dict(self.merge) if row.method == "blockmerge" else {}
+        return {**row.settings, **extra}
 
     def runs_streaming(self, row: Row) -> bool:
         return row.streaming is not None and (
@@ -339,19 +347,21 @@ def native_llama(
     budget: int | None,
     recent: int = BENCH_RECENT,
     slack: int | None = None,
+    merge_fields: Mapping[str, object] | None = None,
 ) -> llama_cpp.Llama:
     """The native row's Llama: plain (``budget`` None) or merging to ``budget`` cells.
 
     ``recent``: the merge settings' recent window. ``slack``: cells allowed above the
     budget before merging (default: the library's); quality runs use 0 so that a
-    merging row never scores more cells than its budget.
+    merging row never scores more cells than its budget. ``merge_fields``: other
+    MergeSettings fields (``SuiteConfig.merge``).
     """
     import edgemerge
 
     type_id = ggml_type(cache_type).type_id
     merge = None
     if budget is not None:
-        merge = MergeSettings(budget=budget, recent=recent)
+        merge = MergeSettings(**{**dict(merge_fields or {}), "budget": budget, "recent": recent})
         if slack is not None:
             merge = dataclasses.replace(merge, slack=slack)
     return edgemerge.Llama(
@@ -460,7 +470,7 @@ def _offline(
     for row in config.rows:
         if row.method is None:
             continue
-        method = get_method(row.method, **row.settings)
+        method = get_method(row.method, **config.method_settings(row))
         for pct in _jobs(config, row):
             budget = n if row.full_budget else _budget_cells(pct, n)
             if budget < method.min_budget(n):
@@ -519,7 +529,7 @@ def _streaming(
                     continue  # the budget cannot take a chunk beside the protected cells
                 kv = cells * _bytes_per_cell(llm, row.cache_type)
             else:
-                method = get_method(row.method, **row.settings)
+                method = get_method(row.method, **config.method_settings(row))
                 n_ctx = -(-(budget + config.n_batch) // 256) * 256
                 with StreamingPrefill(
                     llm, n_ctx, n_batch=config.n_batch, n_obs=config.n_obs, n_threads=threads
@@ -569,6 +579,7 @@ def _native_prefill(
         budget=budget if row.merge else None,
         recent=config.merge_recent,
         slack=0,
+        merge_fields=dict(config.merge),
     )
     try:
         t0 = time.perf_counter()
@@ -610,6 +621,7 @@ def measure_speed(
                 prefix.tolist(),
                 config.n_decode_probe,
                 config.merge_recent,
+                config.merge,
             )
             measured = memprobe.run_in_child(probe) if config.rss else memprobe.run(probe)
             per_cell = _bytes_per_cell(llm, row.cache_type)

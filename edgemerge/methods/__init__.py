@@ -2,7 +2,7 @@
 
 Every method is a frozen dataclass of its settings with one entry point::
 
-    method = get_method("blockmerge", n_recent=64)
+    method = get_method("blockmerge", recent=64)  # blockmerge: MergeSettings names
     compressed = method.compress(snapshot, budget)   # KVSnapshot -> CompressedKV
 
 See :mod:`edgemerge.methods.base` for the data types and the shared-cells rule.
@@ -36,6 +36,9 @@ def get_method(name: str, **settings: object) -> CompressionMethod:
     cls = METHODS.get(name)
     if cls is None:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    from_options = getattr(cls, "from_options", None)
+    if from_options is not None:  # blockmerge takes MergeSettings field names
+        return from_options(**settings)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
     if unknown:
