@@ -183,6 +183,7 @@ class Llama(llama_cpp.Llama):
         if self.n_tokens != self._cache_end:
             # a rewind (prefix reuse, regenerate, reset): cut there, then recount
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+            self._replay_evicted_tail()
         tokens = self._replay_cut_spans(list(tokens))
         if self.n_tokens != self._cache_end:
             self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
@@ -212,6 +213,18 @@ class Llama(llama_cpp.Llama):
             if straddle.any():
                 self._replay_from = min(self._replay_from, int(cells.span_min[straddle].min()))
         return self._seq_rm(seq_id, p0, p1)
+
+    def _replay_evicted_tail(self) -> None:
+        """After a cut at ``n_tokens`` the cells must reach position ``n_tokens - 1`` for
+        the sequence to go on (llama.cpp refuses a batch that skips positions). A rewind
+        into a stretch that was evicted (or merged and cut) leaves them short: the
+        positions from the last kept cell up to the cut are evaluated again."""
+        if self.n_tokens == 0:
+            return
+        cells = kvcells.list_cells(self)
+        reach = int(cells.span_max.max()) + 1 if len(cells) else 0
+        if reach < self.n_tokens:
+            self._replay_from = min(self._replay_from, reach)
 
     def _replay_cut_spans(self, tokens: list[int]) -> list[int]:
         start = self._replay_from
