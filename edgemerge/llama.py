@@ -322,3 +322,5 @@ class Llama(llama_cpp.Llama):
             self._merged_upto = (
                 int(cells.span_max[wide].max()) + 1 if wide is not None and wide.any() else 0
             )
+            # a state cut inside an evicted stretch ends short of n_tokens: evaluate the rest
+            self._replay_evicted_tail()
