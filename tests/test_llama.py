@@ -165,3 +165,19 @@ def test_no_eviction_raises_when_merging_cannot_meet_the_budget(tiny_qwen2_path)
 def test_merge_stats_need_merging(tiny_qwen2_path):
     with pytest.raises(SettingsError, match="merge_stats"):
         make(tiny_qwen2_path, merge=None).merge_stats()
+
+
+def test_a_rewind_into_an_evicted_stretch_evaluates_it_again(tiny_qwen2_path):
+    """A new prompt sharing only a few leading tokens with a context whose middle was
+    evicted: the cut leaves the sinks, and the positions between them and the cut are
+    evaluated again (llama.cpp refuses a batch that skips positions)."""
+    llm = make(tiny_qwen2_path)
+    toks = llm.tokenize(TEXT)[:700]
+    llm.eval(toks)
+    assert llm.merge_stats().cells_evicted > 0
+    shared = SMALL.sinks + 6  # past the sinks, inside the evicted stretch
+    other = toks[:shared] + llm.tokenize(TEXT)[2000:2020]
+    llm.create_completion(other, max_tokens=1, temperature=0)
+    after = kvcells.list_cells(llm)
+    assert set(range(SMALL.sinks, shared)) <= set(after.pos.tolist())
+    assert llm.input_ids[: len(other)].tolist() == other
