@@ -29,8 +29,8 @@ def submodule_names() -> list[str]:
 CHILD = """
 import sys
 import edgemerge
-light = sorted(m for m in ("llama_cpp", "edgemerge.models", "edgemerge.evaluation") if m in sys.modules)
-print("loaded at import:", light)
+heavy = ("llama_cpp", "edgemerge.models", "edgemerge.evaluation")
+print("loaded at import:", sorted(m for m in heavy if m in sys.modules))
 for full in sys.argv[1:]:
     obj = edgemerge
     for part in full.split(".")[1:]:
