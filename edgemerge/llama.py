@@ -28,7 +28,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvcells, kvmerge
+from edgemerge import _llamalog, kvcells, kvmerge
 from edgemerge.models import resolve_model
 from edgemerge.planner import BlockMergePlanner
 from edgemerge.reference.ggml_quants import row_bytes
@@ -66,6 +66,9 @@ class MergeStats:
     mean_merge_error: float
     merge_time_s: float
     eval_time_s: float
+
+
+_llamalog.install()  # llama-cpp-python's own log filter mixes up ggml's levels
 
 
 class GenerationStopped(Exception):
