@@ -50,6 +50,7 @@ its queries after RoPE by ``f_attention_scale`` and uses a KQ scale of 1.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import re
@@ -62,7 +63,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvstate
+from edgemerge import _llamalog, kvstate
 from edgemerge._libpath import library_file
 from edgemerge.methods.base import KVSnapshot
 from edgemerge.reference import ggml_quants
@@ -176,12 +177,38 @@ class _TensorHeader(ctypes.Structure):
     ]
 
 
-class _Recorder:
-    """State shared with the eval callback for one capture."""
+@functools.cache
+def _shared_ggml() -> _Ggml:
+    return _Ggml()
+
+
+class GraphRecorder:
+    """What llama.cpp's eval callback (``cb_eval``) reads from one decode: the post-RoPE
+    queries of the observed tokens and the attention mass per cache slot (see the module
+    doc). Pass it, wrapped in ``llama_cpp.ggml_backend_sched_eval_callback``, as a
+    context's ``cb_eval``, or call it from such a callback.
+
+    Args:
+        layers: model layers to record (full-attention ones).
+        n_total: tokens of the sequence being decoded; the queries of the last ``n_obs``
+            are kept.
+        n_obs: observed tokens (0: no queries).
+        n_head, head_dim: query heads and head size (:class:`ModelLayout`).
+        kv_size: cache slots (the context's ``n_ctx``), the length of :attr:`mass`.
+        want_mass: read ``kq_soft_max`` (flash attention off only).
+
+    Attributes:
+        queries: layer -> float32 ``[n_head, n_obs, head_dim]`` (NaN until recorded).
+        mass: float64 ``[kv_size]``, attention probability summed per slot.
+        mass_rows: attention rows summed into ``mass`` (layers x heads x tokens).
+        chunk_start, chunk_len: the decode call's first token and length, set by the
+            caller before each ``llama_decode``.
+        error: the first exception the callback met (it cannot raise into C);
+            :meth:`raise_error` re-raises it once ``llama_decode`` has returned.
+    """
 
     def __init__(
         self,
-        ggml: _Ggml,
         layers: Sequence[int],
         n_total: int,
         n_obs: int,
@@ -190,7 +217,7 @@ class _Recorder:
         kv_size: int,
         want_mass: bool,
     ) -> None:
-        self.ggml = ggml
+        self.ggml = _shared_ggml()
         self.layers = set(layers)
         self.obs_start = n_total - n_obs
         self.n_obs = n_obs
@@ -203,6 +230,11 @@ class _Recorder:
         self.chunk_start = 0
         self.chunk_len = 0
         self.error: BaseException | None = None
+
+    def raise_error(self) -> None:
+        """Raise :class:`CaptureError` if reading a graph tensor failed."""
+        if self.error is not None:
+            raise CaptureError(f"reading graph tensors failed: {self.error}") from self.error
 
     def wanted(self, t: int) -> tuple[str, int] | None:
         match = _NAME_RE.match(self.ggml.lib.ggml_get_name(t).decode(errors="replace"))
@@ -371,10 +403,10 @@ def capture_kv(
     if not flash_attn and ggml_quants.ggml_type(type_v).block_size != 1:
         raise CaptureError(f"a {type_v} V cache needs flash_attn=True (llama.cpp's rule)")
 
-    llama_cpp._logger.set_verbose(verbose)
+    _llamalog.set_verbose(verbose)
     owned_model = None
     if isinstance(model, llama_cpp.Llama):
-        model_ptr = model._model.model
+        model_ptr = model.model  # llama_cpp.Llama's public llama_model pointer
     else:
         path = Path(model)
         if not path.is_file():
@@ -392,8 +424,7 @@ def capture_kv(
         if toks.min() < 0 or toks.max() >= n_vocab:
             raise CaptureError(f"token ids must be in 0..{n_vocab - 1}")
         selected = _select_layers(layout, layers)
-        recorder = _Recorder(
-            _Ggml(),
+        recorder = GraphRecorder(
             selected,
             n_tok,
             n_obs,
@@ -427,7 +458,7 @@ def _select_layers(layout: ModelLayout, layers: Sequence[int] | None) -> tuple[i
 def _run(
     model: llama_cpp.llama_model_p,
     toks: np.ndarray,
-    recorder: _Recorder,
+    recorder: GraphRecorder,
     n_ctx: int,
     n_batch: int,
     n_threads: int | None,
@@ -471,10 +502,7 @@ def _run(
             batch.n_tokens = len(chunk)
             recorder.chunk_start, recorder.chunk_len = start, len(chunk)
             status = llama_cpp.llama_decode(ctx, batch)
-            if recorder.error is not None:
-                raise CaptureError(
-                    f"reading graph tensors failed: {recorder.error}"
-                ) from recorder.error
+            recorder.raise_error()
             if status != 0:
                 raise CaptureError(f"llama_decode failed with status {status} at token {start}")
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
@@ -491,7 +519,7 @@ def _assemble(
     toks: np.ndarray,
     layout: ModelLayout,
     selected: tuple[int, ...],
-    recorder: _Recorder,
+    recorder: GraphRecorder,
     state_bytes: bytes,
     n_obs: int,
     flash_attn: bool,

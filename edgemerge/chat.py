@@ -34,7 +34,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,10 +96,12 @@ class ChatSession:
         every piece; once it says so, the reply ends there, with the cache as it was
         after the last token evaluated. The reply joins the conversation however it ends.
         """
+        from edgemerge.llama import GenerationStopped  # loads llama_cpp: not at CLI start
+
         self.messages.append({"role": "user", "content": text})
         reply: list[str] = []
         try:
-            with _stop_points(self.llm, should_stop):
+            with self.llm.stop_when(should_stop):
                 stream = self.llm.create_chat_completion(
                     messages=self.messages,
                     stream=True,
@@ -116,7 +117,7 @@ class ChatSession:
                     if should_stop():
                         stream.close()
                         break
-        except _Stopped:
+        except GenerationStopped:
             pass
         finally:
             self.messages.append({"role": "assistant", "content": "".join(reply)})
@@ -246,26 +247,6 @@ class ChatSession:
         return ""
 
 
-def _resync_merge_bookkeeping(llm: Any) -> None:
-    """Make a merging ``edgemerge.Llama`` count its cells and merged spans afresh.
-
-    An evaluation stopped by an exception (a second Ctrl-C, a failed turn) may stop
-    between a merge and the bookkeeping that follows it; a stale cell count would make
-    the next turn merge too late, a stale span end would skip the replay of a cut merged
-    cell. (``Llama.load_state`` recounts the same way; a public ``Llama`` method for it
-    would replace this.)
-    """
-    if getattr(llm, "_planner", None) is None:
-        return
-    from edgemerge import kvcells
-
-    cells = kvcells.list_cells(llm)
-    llm._cells = len(cells) if llm.n_tokens else 0
-    merged = cells.span_max > cells.span_min
-    if merged.any():
-        llm._merged_upto = max(llm._merged_upto, int(cells.span_max[merged].max()) + 1)
-
-
 def cache_file(path: Path) -> Path:
     """Where ``/save path`` puts the cache."""
     return path.with_name(path.name + ".kv")
@@ -330,44 +311,8 @@ def set_budget(llm: Any, text: str) -> MergeSettings:
     if current is None:
         raise SettingsError("budget: merging is off (--no-merge); restart without --no-merge")
     new = dataclasses.replace(current, budget=parse_budget(text))
-    # the room a chunk of prompt needs, checked as edgemerge.Llama checks it when built
-    room = (new.budget if isinstance(new.budget, int) else llm.n_ctx()) - llm.n_batch
-    if room < new.protected() + 2:
-        raise SettingsError(
-            f"budget: {new.budget} leaves {room} cells once a batch of n_batch={llm.n_batch} "
-            f"arrives, fewer than sinks + recent + 2 = {new.protected() + 2}"
-        )
-    llm.set_merge_settings(new)
+    llm.set_merge_settings(new)  # checks that the budget fits the cache and a batch
     return new
-
-
-class _Stopped(Exception):
-    """Raised in place of an evaluation once the reply has been asked to stop."""
-
-
-@contextmanager
-def _stop_points(llm: Any, should_stop: Callable[[], bool]) -> Iterator[None]:
-    """Make every ``llm.eval`` call first ask ``should_stop``, and raise :class:`_Stopped`
-    instead of evaluating once it says so.
-
-    llama-cpp-python evaluates each sampled token before sampling the next, so this
-    stops a reply within one token even while its streaming holds text back (a partial
-    UTF-8 character, a possible stop sequence), and only between evaluations, so the
-    cache and the token bookkeeping always agree. (A hook that edgemerge.Llama could
-    offer itself; until then, an attribute on this one instance, removed afterwards.)
-    """
-    evaluate = llm.eval
-
-    def eval_unless_stopped(tokens: Any) -> None:
-        if should_stop():
-            raise _Stopped
-        evaluate(tokens)
-
-    llm.eval = eval_unless_stopped
-    try:
-        yield
-    finally:
-        del llm.eval
 
 
 class StopOnInterrupt:
@@ -516,12 +461,12 @@ def run_chat(
                 stopped = interrupt.requested
             except KeyboardInterrupt:
                 # a second Ctrl-C: it may have landed inside edgemerge.Llama's bookkeeping
-                _resync_merge_bookkeeping(session.llm)
+                session.llm.resync_cache()
                 stopped = True
             except (ValueError, BudgetError, TemplateError) as exc:
                 # the context is full, the budget cannot hold, or the template refuses the
                 # conversation: the turn is dropped, the cache kept as far as it got
-                _resync_merge_bookkeeping(session.llm)
+                session.llm.resync_cache()
                 session.drop_last_turn()
                 stdout.flush()
                 hint = "; /reset starts over" if interactive else ""

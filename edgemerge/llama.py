@@ -19,6 +19,8 @@ patched library). With ``merge=MergeSettings(...)``:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvcells, kvmerge
+from edgemerge import _llamalog, kvcells, kvmerge
 from edgemerge.models import cache_dir, resolve_model
 from edgemerge.planner import BlockMergePlanner, MergePlan
 from edgemerge.recall import RecallEngine
@@ -77,6 +79,13 @@ class MergeStats:
     recall_hits: int = 0
     blocks_restored: int = 0
     recall_time_s: float = 0.0
+
+
+_llamalog.install()  # llama-cpp-python's own log filter mixes up ggml's levels
+
+
+class GenerationStopped(Exception):
+    """Raised by ``Llama.eval`` in place of an evaluation that ``Llama.stop_when`` stopped."""
 
 
 class Llama(llama_cpp.Llama):
@@ -215,6 +224,7 @@ class Llama(llama_cpp.Llama):
     # -- evaluation ----------------------------------------------------------------------
 
     def eval(self, tokens: Any) -> None:
+        self._stop_if_asked()
         if self._planner is None:
             super().eval(tokens)
             return
@@ -414,17 +424,78 @@ class Llama(llama_cpp.Llama):
         if self._recall is not None:
             # the store described the old cache; a loaded one may have another history
             self._recall.store.clear()
+        self.resync_cache()  # the restored cache may hold merged cells
         if self._planner is not None:
-            self._cache_end = self.n_tokens
-            # the restored cache may hold merged cells: recount, and know where spans end
-            cells = kvcells.list_cells(self) if self.n_tokens else None
-            self._cells = len(cells) if cells is not None else 0
-            wide = cells.span_max > cells.span_min if cells is not None else None
-            self._merged_upto = (
-                int(cells.span_max[wide].max()) + 1 if wide is not None and wide.any() else 0
-            )
             # a state cut inside an evicted stretch ends short of n_tokens: evaluate the rest
             self._replay_evicted_tail()
+
+    # -- public seams (chat, evaluation) -------------------------------------------------
+
+    @property
+    def model_handle(self) -> llama_cpp.llama_model_p:
+        """The ``llama_model *`` this Llama runs, for llama.cpp calls and
+        :mod:`edgemerge.capture` (a borrowed pointer: valid until :meth:`close`)."""
+        return self._model.model
+
+    @property
+    def context_handle(self) -> llama_cpp.llama_context_p:
+        """The ``llama_context *`` holding this Llama's cache (borrowed, as
+        :attr:`model_handle`). Edits to the cache through it call for
+        :meth:`resync_cache` afterwards."""
+        return self._ctx.ctx
+
+    def check_settings(self, merge: MergeSettings) -> None:
+        """Check that ``merge`` fits this Llama's physical cache and batch.
+
+        Raises:
+            SettingsError: the budget exceeds ``n_ctx``, or leaves too few cells for a
+                batch of ``n_batch`` tokens plus the sink and recent cells.
+        """
+        self._check_fits(merge)
+
+    def resync_cache(self) -> None:
+        """Make the merge bookkeeping agree with the cache again.
+
+        Cells past ``n_tokens`` are cut, then the cell count and the end of the merged
+        spans are read from the cache. Call it after anything that changed the cache
+        behind this Llama: a state load (:meth:`load_state` does), direct edits through
+        :attr:`context_handle`, or an exception (KeyboardInterrupt) that stopped
+        :meth:`eval` between a merge and its bookkeeping. No-op when merging is off.
+        """
+        if self._planner is None:
+            return
+        self._seq_rm(-1, self.n_tokens, -1)
+        self._replay_from = 1 << 62
+        self._cache_end = self.n_tokens
+        if not self.n_tokens:
+            self._cells = self._merged_upto = 0
+            return
+        cells = kvcells.list_cells(self)
+        self._cells = len(cells)
+        wide = cells.span_max > cells.span_min
+        self._merged_upto = int(cells.span_max[wide].max()) + 1 if wide.any() else 0
+
+    @contextmanager
+    def stop_when(self, should_stop: Callable[[], bool]) -> Iterator[None]:
+        """While active, every :meth:`eval` first asks ``should_stop()`` and, once it says
+        so, raises :class:`GenerationStopped` instead of evaluating.
+
+        llama-cpp-python evaluates each sampled token before sampling the next, so this
+        ends a generation (``create_completion``, ``create_chat_completion``, streaming
+        or not) within one token, and only between evaluations: the cache and
+        ``n_tokens`` agree when it is raised.
+        """
+        previous = getattr(self, "_should_stop", None)
+        self._should_stop = should_stop
+        try:
+            yield
+        finally:
+            self._should_stop = previous
+
+    def _stop_if_asked(self) -> None:
+        check = getattr(self, "_should_stop", None)
+        if check is not None and check():
+            raise GenerationStopped
 
 
 def _leaving_exact(cells: kvcells.KVCells, plan: MergePlan) -> np.ndarray:

@@ -8,6 +8,7 @@ No tokenizer or tensor library beyond numpy and ``gguf`` is needed: safetensors,
 See docs/convert.md for what is written and why.
 """
 
+from edgemerge._lazy import lazy_submodules
 from edgemerge.convert.command import add_convert_parser, run_convert
 from edgemerge.convert.errors import (
     CheckpointError,
@@ -34,3 +35,5 @@ __all__ = [
     "convert",
     "run_convert",
 ]
+
+__getattr__, __dir__ = lazy_submodules(globals())

@@ -120,7 +120,8 @@ def quantize_file(src: Path, dst: Path, name: str, n_threads: int | None = None)
     """
     # edgemerge/__init__ has run (this is a submodule): llama_cpp loads our libllama.
     import llama_cpp
-    from llama_cpp import _logger
+
+    from edgemerge import _llamalog
 
     ftype = quant_ftype(name)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -138,7 +139,7 @@ def quantize_file(src: Path, dst: Path, name: str, n_threads: int | None = None)
             os.fsencode(src), os.fsencode(dst), ctypes.byref(params)
         )
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        _llamalog.install()
     text = "".join(lines)
     if status != 0:
         reasons = [ln.strip() for ln in text.splitlines() if "fail" in ln or "error" in ln.lower()]

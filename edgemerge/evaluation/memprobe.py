@@ -75,11 +75,11 @@ def run(probe: Probe) -> Measured:
         t0 = time.perf_counter()
         for _ in range(probe.n_decode):
             logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)
+                llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)
             )
             llm.eval([int(np.argmax(logits))])
         decode_s = time.perf_counter() - t0
-        mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+        mem = llama_cpp.llama_get_memory(llm.ctx)
         cells = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
         if probe.budget is not None:
             cells = llm.merge_stats().cells

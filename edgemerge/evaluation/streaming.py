@@ -36,7 +36,7 @@ import llama_cpp
 import numpy as np
 
 from edgemerge import kvstate
-from edgemerge.capture import CaptureError, ModelLayout, _Ggml, _Recorder, model_layout
+from edgemerge.capture import CaptureError, GraphRecorder, ModelLayout, model_layout
 from edgemerge.evaluation.scoring import (
     ContextSession,
     ScoringError,
@@ -75,7 +75,7 @@ class _Callback:
     """The eval callback handed to llama.cpp once; it forwards to the chunk's recorder."""
 
     def __init__(self) -> None:
-        self.recorder: _Recorder | None = None
+        self.recorder: GraphRecorder | None = None
 
     def __call__(self, t: int, ask: bool, user_data: int) -> bool:
         return self.recorder(t, ask, user_data) if self.recorder is not None else False
@@ -106,15 +106,14 @@ class StreamingPrefill(ContextSession):
                 f"need n_ctx >= n_batch >= 1 and n_obs >= 0, got n_ctx={n_ctx}, "
                 f"n_batch={n_batch}, n_obs={n_obs}"
             )
-        self.layout: ModelLayout = model_layout(model._model.model)
+        self.layout: ModelLayout = model_layout(model.model)
         self.layers = self.layout.full_attention_layers
         self.n_ctx, self.n_batch, self.n_obs = n_ctx, n_batch, n_obs
-        self._ggml = _Ggml()
         self._callback = _Callback()
         # kept alive as long as the context: llama.cpp holds a raw pointer to it
         self._c_callback = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
         self.ctx = new_context(
-            model._model.model,
+            model.model,
             n_ctx,
             n_batch=n_batch,
             n_threads=n_threads,
@@ -156,8 +155,7 @@ class StreamingPrefill(ContextSession):
         for start in range(0, n_tok, self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             n_obs = min(self.n_obs, len(chunk))
-            recorder = _Recorder(
-                self._ggml,
+            recorder = GraphRecorder(
                 self.layers,
                 len(chunk),
                 n_obs,
@@ -225,16 +223,13 @@ class StreamingPrefill(ContextSession):
             final, int(positions.shape[0]), peak, compressions, compress_s, io_s, eval_s
         )
 
-    def _decode(self, chunk: np.ndarray, start: int, recorder: _Recorder) -> None:
+    def _decode(self, chunk: np.ndarray, start: int, recorder: GraphRecorder) -> None:
         self._callback.recorder = recorder
         try:
             decode_chunk(self.ctx, self.batch, chunk, start, all_logits=False)
         finally:
             self._callback.recorder = None
-        if recorder.error is not None:
-            raise CaptureError(f"reading graph tensors failed: {recorder.error}") from (
-                recorder.error
-            )
+        recorder.raise_error()
         expected = len(self.layers) * self.layout.n_head * len(chunk)
         if recorder.mass_rows != expected:
             raise CaptureError(

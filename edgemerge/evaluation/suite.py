@@ -278,7 +278,7 @@ def _budget_cells(percent: int, n_cells: int) -> int:
 
 def _bytes_per_cell(llm: llama_cpp.Llama, cache_type: str) -> int:
     """KV bytes one cell of the full-attention cache takes (all its layers, K and V)."""
-    layout = model_layout(llm._model.model)
+    layout = model_layout(llm.model)
     width = layout.n_kv_head * layout.head_dim
     return 2 * len(layout.full_attention_layers) * row_bytes(cache_type, width)
 
@@ -402,13 +402,12 @@ def run_model(
     start = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=256, n_threads=threads, verbose=False)
     cases = build_cases(llm, config)
-    out = ModelResults(model, model_layout(llm._model.model).arch, cases)
+    out = ModelResults(model, model_layout(llm.model).arch, cases)
     longest = max(c.prefix.shape[0] for c in cases)
     n_ctx = -(-(longest + 256) // 256) * 256
     types = sorted({r.cache_type for r in config.rows})
     scorers = {
-        t: Scorer(llm._model.model, n_ctx, n_batch=256, n_threads=threads, cache_type=t)
-        for t in types
+        t: Scorer(llm.model, n_ctx, n_batch=256, n_threads=threads, cache_type=t) for t in types
     }
     evaluate = _Evaluator(llm, scorers)
     try:
@@ -586,7 +585,7 @@ def _native_prefill(
         llm.eval(prefix.tolist())
         prefill_s = time.perf_counter() - t0
         merge_s = llm.merge_stats().merge_time_s if row.merge else 0.0
-        state = _read_state(llm._ctx.ctx)
+        state = _read_state(llm.ctx)
         cells = kvstate.parse_seq_state(state).caches[0].stream.positions.shape[0]
         return state, int(cells), prefill_s, merge_s
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from edgemerge._lazy import lazy_submodules
 from edgemerge.methods.base import CompressedKV, CompressionMethod, KVSnapshot
 from edgemerge.methods.blockmerge import BlockMerge
 from edgemerge.methods.cam import CaM
@@ -64,3 +65,5 @@ __all__ = [
     "StreamingLLM",
     "get_method",
 ]
+
+__getattr__, __dir__ = lazy_submodules(globals())

@@ -18,3 +18,7 @@ for per-token K/V, groups of tokens as CSR (``member_index`` int32 ``[nnz]``, ``
 int32 ``[n_group + 1]``), and ``ValueError`` naming the argument for any bad input (NaN/inf
 included).
 """
+
+from edgemerge._lazy import lazy_submodules
+
+__getattr__, __dir__ = lazy_submodules(globals())
