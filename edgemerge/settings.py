@@ -139,7 +139,7 @@ class MergeSettings:
         _check_int("recall_blocks", self.recall_blocks, 1, 1 << 16)
         _check_float("recall_threshold", self.recall_threshold, 0.0, 1.0, hi_open=True)
         _check_int("recall_reeval", self.recall_reeval, 0, 4096)
-        if self.recall_reeval > self.recent:
+        if self.recall and self.recall_reeval > self.recent:
             raise SettingsError(
                 f"recall_reeval: {self.recall_reeval} tokens reach past the recent window of "
                 f"{self.recent}; lower recall_reeval or raise recent"

@@ -176,7 +176,7 @@ def test_choose_blocks_takes_the_best_above_threshold():
 
 def test_recall_settings_are_validated():
     with pytest.raises(SettingsError, match="recall_reeval"):
-        MergeSettings(recent=16, recall_reeval=32)
+        MergeSettings(recent=16, recall_reeval=32, recall=True)
     with pytest.raises(SettingsError, match="recall_window"):
         MergeSettings(recall_window=0)
     with pytest.raises(SettingsError, match="recall_threshold"):
