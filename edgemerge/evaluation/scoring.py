@@ -286,6 +286,18 @@ class Scorer(ContextSession):
             ScoringError: the state is rejected or a decode fails (for instance when the
                 state, the prompt and the new tokens do not fit the context).
         """
+        return self._greedy(state, prompt, first_pos, max_new_tokens, stop)[0]
+
+    def _greedy(
+        self,
+        state: bytes | None,
+        prompt: np.ndarray,
+        first_pos: int,
+        max_new_tokens: int,
+        stop: frozenset[int],
+    ) -> tuple[list[int], np.ndarray]:
+        """Restore ``state``, decode ``prompt``, generate greedily; returns the tokens and
+        the prompt's last logits ``[1, n_vocab]``."""
         prompt = np.asarray(prompt, dtype=np.int64)
         if prompt.ndim != 1 or prompt.shape[0] < 1:
             raise ScoringError("prompt needs at least one token (the logits come from it)")
@@ -295,6 +307,7 @@ class Scorer(ContextSession):
             self.load(state)
         out: list[int] = []
         logits = self._decode(prompt, first_pos, all_logits=False)
+        prompt_logits = logits[-1:].copy()  # later decodes may reuse the buffer
         pos = first_pos + prompt.shape[0]
         while len(out) < max_new_tokens:
             token = int(np.argmax(logits[-1]))
@@ -305,7 +318,7 @@ class Scorer(ContextSession):
                 break
             logits = self._decode(np.asarray([token]), pos, all_logits=False)
             pos += 1
-        return out
+        return out, prompt_logits
 
     def generate_and_force(
         self,
@@ -333,26 +346,9 @@ class Scorer(ContextSession):
         answer = np.asarray(answer, dtype=np.int64)
         if answer.ndim != 1 or answer.shape[0] < 1:
             raise ScoringError("answer needs at least one token to score")
-        prompt = np.asarray(prompt, dtype=np.int64)
-        if prompt.ndim != 1 or prompt.shape[0] < 1:
-            raise ScoringError("prompt needs at least one token (the logits come from it)")
-        if state is None:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        else:
-            self.load(state)
-        logits = self._decode(prompt, first_pos, all_logits=False)
-        first = _nll_rows(logits[-1:], answer[:1])
-        pos = end = first_pos + prompt.shape[0]
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = int(np.argmax(logits[-1]))
-            if token in stop:
-                break
-            out.append(token)
-            if len(out) == max_new_tokens:
-                break
-            logits = self._decode(np.asarray([token]), pos, all_logits=False)
-            pos += 1
+        out, prompt_logits = self._greedy(state, prompt, first_pos, max_new_tokens, stop)
+        first = _nll_rows(prompt_logits, answer[:1])
+        end = first_pos + len(prompt)
         if answer.shape[0] == 1:
             return out, first
         # rewind: drop the generated tokens, then force the answer after the prompt
