@@ -16,6 +16,15 @@ from edgemerge.evaluation.texts import FidelityInputError
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from edgemerge.evaluation import chat_bench
+
+    ap.add_argument(
+        "--task",
+        choices=("suite", "chat-memory"),
+        default="suite",
+        help="suite: the fidelity suite (default); chat-memory: multi-turn conversations "
+        "through edgemerge.Llama as `edgemerge chat` runs them, resumable",
+    )
     preset = ap.add_mutually_exclusive_group()
     preset.add_argument(
         "--quick",
@@ -59,6 +68,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "in order; the first file's settings)",
     )
     ap.add_argument("--no-progress", action="store_true")
+    chat = ap.add_argument_group("chat-memory (--task chat-memory)")
+    chat_bench.add_arguments(chat)
 
 
 def config_from_args(args: argparse.Namespace) -> suite.SuiteConfig:
@@ -131,6 +142,17 @@ def machine_line(threads: int) -> str:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the suite as ``args`` say; 0 on success, 2 on bad input."""
     from tqdm import tqdm
+
+    if args.task == "chat-memory":
+        from edgemerge.evaluation import chat_bench
+
+        try:
+            merge = tuple(_merge_field(text) for text in args.merge or ())
+        except ValueError as err:
+            print(f"edgemerge bench: {err}", file=sys.stderr)
+            return 2
+        command = "edgemerge bench" + "".join(f" {a}" for a in argv)
+        return chat_bench.main(args, command, merge)
 
     try:
         config = config_from_args(args)

@@ -1,0 +1,515 @@
+"""``edgemerge bench --task chat-memory``: the chat-memory task on the product's path.
+
+Every row is an ``edgemerge.Llama`` fed turn by turn as ``edgemerge chat`` feeds it
+(:func:`edgemerge.evaluation.chat_memory.run_chat_memory`): the full cache at f16,
+q8_0 and q4_0 (llama.cpp's own choices at fewer bytes), eviction only (sinks and the
+recent window, the StreamingLLM rule, on the product's own cache), BlockMerge, and
+either with recall. A merging row's budget is a fixed cell count, a percentage of
+the case's tokens, held from the first turn to the answer.
+
+Results are cached per (case, row) in a JSONL file, so a stopped run resumes where it
+stopped and a finished one re-renders its table for free. The table pairs every row
+with the full cache and with the best equal-cells baseline by case and gives the 95%
+bootstrap interval of the difference (:mod:`edgemerge.evaluation.stats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemerge.evaluation import chat_memory as cm
+from edgemerge.evaluation.stats import PairedInterval, paired_bootstrap
+from edgemerge.evaluation.texts import FidelityInputError
+
+# eviction only: nothing is close enough to merge, no cell is kept for its distinctness
+_EVICT = {"max_merge_error": 1e-6, "retain_top": 0.0}
+
+
+@dataclass(frozen=True)
+class ChatRow:
+    """One configuration of ``edgemerge.Llama`` the cases run through.
+
+    Attributes:
+        label: the row's name in tables and the cache file.
+        cache_type: K and V cache type (f16, q8_0, q4_0).
+        merge: MergeSettings fields other than ``budget`` (None: the full cache).
+        product: a row of the product (BlockMerge); the others are baselines.
+    """
+
+    label: str
+    cache_type: str = "f16"
+    merge: Mapping[str, object] | None = None
+    product: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.merge is None
+
+
+ROWS: tuple[ChatRow, ...] = (
+    ChatRow("full"),
+    ChatRow("full q8_0", "q8_0"),
+    ChatRow("full q4_0", "q4_0"),
+    ChatRow("evict", merge=_EVICT),
+    ChatRow("evict+recall", merge={**_EVICT, "recall": True}, product=True),
+    ChatRow("blockmerge", merge={}, product=True),
+    ChatRow("blockmerge+recall", merge={"recall": True}, product=True),
+    ChatRow("blockmerge+recall q8_0", "q8_0", merge={"recall": True}, product=True),
+)
+QUICK_ROWS = ("full", "full q4_0", "evict", "blockmerge", "blockmerge+recall")
+
+
+@dataclass(frozen=True)
+class ChatBenchConfig:
+    """What one chat-memory run measures.
+
+    Attributes:
+        model: registry name or GGUF path.
+        split: "dev" (tune on it) or "confirm" (report only).
+        n: cases per length.
+        lengths: conversation lengths in tokens.
+        budgets: merging rows' budgets, in percent of each case's tokens.
+        rows: the rows, in table order.
+        merge: MergeSettings fields applied to every merging row (after the row's own).
+        n_batch: prefill chunk, the same for every row.
+        n_threads: CPU threads (None: all cores).
+        seed: the cases' seed.
+    """
+
+    model: str = "qwen2.5-coder-0.5b"
+    split: str = "dev"
+    n: int = 8
+    lengths: tuple[int, ...] = (2048, 4096)
+    budgets: tuple[int, ...] = (25, 40)
+    rows: tuple[ChatRow, ...] = ROWS
+    merge: tuple[tuple[str, object], ...] = ()
+    n_batch: int = 256
+    n_threads: int | None = None
+    seed: int = 0
+
+    def settings(self, row: ChatRow, budget_cells: int) -> dict[str, object] | None:
+        if row.merge is None:
+            return None
+        return {**row.merge, **dict(self.merge), "budget": budget_cells}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One case through one row at one budget (None for a full row)."""
+
+    case: cm.ChatMemoryCase
+    row: ChatRow
+    budget: int | None
+    settings: dict[str, object] | None = field(default=None)
+
+    def key(self, config: ChatBenchConfig) -> str:
+        """What the cached result depends on: the case, the row's settings and chunking."""
+        what = {
+            "case": [self.case.label, self.case.seed, self.case.n_tokens],
+            "row": self.row.label,
+            "cache_type": self.row.cache_type,
+            "settings": self.settings,
+            "n_batch": config.n_batch,
+            "model": str(config.model),
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def budget_cells(percent: int, case: cm.ChatMemoryCase) -> int:
+    return max(1, round(percent / 100 * case.n_tokens))
+
+
+def jobs(config: ChatBenchConfig, cases: Sequence[cm.ChatMemoryCase]) -> list[Job]:
+    """Case-major order, so a stopped run still has whole cases to pair."""
+    out = []
+    for case in cases:
+        for row in config.rows:
+            for budget in (None,) if row.full else config.budgets:
+                cells = None if budget is None else budget_cells(budget, case)
+                out.append(Job(case, row, budget, config.settings(row, cells or 0)))
+    return out
+
+
+class ResultCache:
+    """Results per job key in an append-only JSONL file (a torn last line is skipped)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a run killed mid-write leaves half a line
+                if isinstance(record, dict) and "key" in record:
+                    self.records[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records[record["key"]] = record
+
+
+def _n_ctx(job: Job, config: ChatBenchConfig) -> int:
+    margin = cm.MAX_NEW_TOKENS + 64 + 16 * (len(job.case.messages) + 2)  # template tokens
+    if job.settings is None:
+        return job.case.n_tokens + margin
+    budget = int(job.settings["budget"])  # type: ignore[arg-type]
+    slack = int(job.settings.get("slack", 64))  # type: ignore[arg-type]
+    return budget + slack + config.n_batch + margin
+
+
+def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
+    """Run one job on a fresh Llama; the record the cache keeps."""
+    from edgemerge.settings import MergeSettings
+
+    merge = None if job.settings is None else MergeSettings.from_dict(dict(job.settings))
+    make = cm.llm_factory(
+        config.model,
+        merge=merge,
+        cache_type=job.row.cache_type,
+        n_ctx=_n_ctx(job, config),
+        n_batch=config.n_batch,
+        n_threads=config.n_threads,
+    )
+    llm = make()
+    start = time.perf_counter()
+    try:
+        result = cm.run_chat_memory(llm, job.case)
+        stats = llm.merge_stats() if merge is not None else None
+    finally:
+        llm.close()
+    seconds = time.perf_counter() - start
+    record: dict[str, Any] = {
+        "key": job.key(config),
+        "case": job.case.label,
+        "length": job.case.length,
+        "row": job.row.label,
+        "budget": job.budget,
+        "correct": result.correct,
+        "nll": result.answer_nll,
+        "reply": result.reply,
+        "prompt_tokens": result.prompt_tokens,
+        "peak_cells": result.peak_cells,
+        "final_cells": result.final_cells,
+        "kv_bytes": result.kv_bytes,
+        "peak_kv_bytes": result.peak_cells * (result.kv_bytes // max(result.final_cells, 1)),
+        "seconds": seconds,
+    }
+    if stats is not None:
+        record.update(
+            merges=stats.merges,
+            cells_evicted=stats.cells_evicted,
+            recall_hits=stats.recall_hits,
+            blocks_restored=stats.blocks_restored,
+            recall_time_s=stats.recall_time_s,
+            store_ram_bytes=stats.store_ram_bytes,
+            store_disk_bytes=stats.store_disk_bytes,
+            store_positions=stats.store_positions,
+        )
+    return record
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def run(
+    config: ChatBenchConfig,
+    cache: ResultCache,
+    *,
+    progress: Progress | None = None,
+    tokenize: Callable[[str], Sequence[int]] | None = None,
+) -> tuple[list[cm.ChatMemoryCase], list[Job]]:
+    """Run every job not in ``cache`` yet; returns the cases and all jobs."""
+    cases = cm.cases(config.split, config.n, config.lengths, config.seed, tokenize=tokenize)
+    todo = jobs(config, cases)
+    for i, job in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo), f"{job.row.label} {job.budget or ''} {job.case.label}")
+        if job.key(config) not in cache:
+            cache.add(run_job(job, config))
+    if progress is not None:
+        progress(len(todo), len(todo), "done")
+    return cases, todo
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class RowSummary:
+    """One row at one budget over the cases that every row finished."""
+
+    row: ChatRow
+    budget: int | None
+    correct: np.ndarray  # [n] 0/1
+    nll: np.ndarray  # [n]
+    kv_bytes: float  # mean peak KV bytes
+    seconds: float
+    records: tuple[dict[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        return self.row.label if self.budget is None else f"{self.row.label} @{self.budget}%"
+
+
+def summarise(
+    config: ChatBenchConfig, all_jobs: Iterable[Job], cache: ResultCache
+) -> list[RowSummary]:
+    """Rows in table order, restricted to the cases every row has a result for."""
+    all_jobs = list(all_jobs)
+    done: dict[tuple[str, int | None], dict[str, dict[str, Any]]] = {}
+    for job in all_jobs:
+        record = cache.records.get(job.key(config))
+        if record is not None:
+            done.setdefault((job.row.label, job.budget), {})[job.case.label] = record
+    groups = [(r, b) for r in config.rows for b in ((None,) if r.full else config.budgets)]
+    labels = list(dict.fromkeys(job.case.label for job in all_jobs))
+    common = [c for c in labels if all(c in done.get((r.label, b), {}) for r, b in groups)]
+    out = []
+    for row, budget in groups:
+        recs = tuple(done[(row.label, budget)][c] for c in common) if common else ()
+        out.append(
+            RowSummary(
+                row,
+                budget,
+                np.array([float(r["correct"]) for r in recs]),
+                np.array([float(r["nll"]) for r in recs]),
+                float(np.mean([r["peak_kv_bytes"] for r in recs])) if recs else math.nan,
+                float(np.mean([r["seconds"] for r in recs])) if recs else math.nan,
+                recs,
+            )
+        )
+    return out
+
+
+def _interval(a: np.ndarray, b: np.ndarray, seed: int) -> PairedInterval | None:
+    return paired_bootstrap(a, b, seed=seed) if a.size >= 2 else None
+
+
+def render(
+    config: ChatBenchConfig, summaries: Sequence[RowSummary], command: str, machine: str
+) -> str:
+    """The markdown table: accuracy, answer NLL, and paired intervals."""
+    full = next((s for s in summaries if s.row.label == "full"), None)
+    n = int(full.correct.size) if full is not None else 0
+    lines = [
+        f"### Chat memory, {Path(str(config.model)).name}, {config.split} split",
+        "",
+        f"{n} conversations ({config.n} per length; lengths {', '.join(map(str, config.lengths))} "
+        f"tokens), facts at varying depth; budgets in % of each conversation's tokens, held "
+        "from the first turn. Δ: paired mean difference with its 95% bootstrap interval; "
+        "verdicts only where the interval excludes zero. NLL: answer tokens, nats/token.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}",
+        "",
+        "| row | accuracy | NLL | Δacc vs full | ΔNLL vs full | vs best equal-cells baseline "
+        "(ΔNLL) | vs full q4_0 (ΔNLL) | KV MiB | s/case |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+    ]
+    if n == 0:
+        return "\n".join(lines + ["", "(no case finished by every row yet)"])
+    for s in summaries:
+        acc = f"{int(s.correct.sum())}/{n}"
+        d_acc = d_nll = vs = q4 = ""
+        if s.row.label != "full":
+            ia = _interval(s.correct, full.correct, config.seed)
+            inl = _interval(s.nll, full.nll, config.seed)
+            d_acc = ia.format() if ia else ""
+            d_nll = inl.format() if inl else ""
+        if s.row.product:
+            vs = _versus(s, _best_baseline(summaries, s.budget), config.seed)
+            q4 = _versus(
+                s, next((x for x in summaries if x.row.label == "full q4_0"), None), config.seed
+            )
+        lines.append(
+            f"| {s.name} | {acc} | {s.nll.mean():.3f} | {d_acc} | {d_nll} | {vs} | {q4} | "
+            f"{s.kv_bytes / 2**20:.1f} | {s.seconds:.1f} |"
+        )
+    lines += ["", *_frontier(summaries), "", *_recall_lines(summaries)]
+    return "\n".join(lines)
+
+
+def _best_baseline(summaries: Sequence[RowSummary], budget: int | None) -> RowSummary | None:
+    """The equal-cells baseline (not a product row, same budget) with the lowest NLL."""
+    others = [s for s in summaries if s.budget == budget and budget and not s.row.product]
+    return min(others, key=lambda s: float(s.nll.mean())) if others else None
+
+
+def _versus(s: RowSummary, other: RowSummary | None, seed: int) -> str:
+    """``beats evict: -0.52 [-0.80, -0.21]`` on answer NLL (lower is better)."""
+    if other is None or other is s:
+        return ""
+    iv = _interval(s.nll, other.nll, seed)
+    if iv is None:
+        return ""
+    return f"{iv.verdict(higher_is_better=False)} {other.name}: {iv.format()}"
+
+
+def _frontier(summaries: Sequence[RowSummary]) -> list[str]:
+    """Every row by KV bytes: what to run with this much memory."""
+    ranked = sorted(summaries, key=lambda s: s.kv_bytes)
+    out = [
+        "Equal bytes (KV MiB at the conversation's peak, mean over cases; a row is on the "
+        "frontier when no row with fewer bytes has a lower NLL):",
+        "",
+        "| KV MiB | row | accuracy | NLL | on the frontier |",
+        "| ---: | --- | ---: | ---: | :---: |",
+    ]
+    best = math.inf
+    for s in ranked:
+        nll = float(s.nll.mean())
+        on = nll < best
+        best = min(best, nll)
+        out.append(
+            f"| {s.kv_bytes / 2**20:.1f} | {s.name} | {int(s.correct.sum())}/{s.correct.size} | "
+            f"{nll:.3f} | {'yes' if on else ''} |"
+        )
+    return out
+
+
+def _recall_lines(summaries: Sequence[RowSummary]) -> list[str]:
+    out = []
+    for s in summaries:
+        if not s.records or "recall_hits" not in s.records[0] or not s.row.merge:
+            continue
+        if not s.row.merge.get("recall"):
+            continue
+        hist = np.array([r["prompt_tokens"] for r in s.records], dtype=np.float64)
+        store = np.array(
+            [r["store_ram_bytes"] + r["store_disk_bytes"] for r in s.records], dtype=np.float64
+        )
+        share = np.array([r["recall_time_s"] / max(r["seconds"], 1e-9) for r in s.records])
+        out.append(
+            f"- {s.name}: store {np.mean(store / hist) * 1024 / 2**20:.2f} MiB per 1K tokens of "
+            f"history; blocks restored per case {np.mean([r['blocks_restored'] for r in s.records]):.0f}; "
+            f"recall {np.mean(share):.0%} of the case's time"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The chat-memory flags of ``edgemerge bench`` (``--task chat-memory``)."""
+    ap.add_argument("--split", choices=cm.SPLITS, default="dev")
+    ap.add_argument("--cases", type=int, default=8, help="conversations per length")
+    ap.add_argument("--lengths", type=int, nargs="+", help="conversation lengths in tokens")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        help="JSONL of finished (case, row) results to resume from "
+        "(default: ~/.cache/edgemerge/bench/chat_memory-MODEL-SPLIT.jsonl)",
+    )
+
+
+def config_from_args(
+    args: argparse.Namespace, merge: tuple[tuple[str, object], ...]
+) -> ChatBenchConfig:
+    config = ChatBenchConfig(split=args.split, n=args.cases)
+    changes: dict[str, object] = {"merge": merge}
+    if args.quick:
+        changes.update(
+            n=2,
+            lengths=(2048,),
+            budgets=(25,),
+            rows=tuple(r for r in ROWS if r.label in QUICK_ROWS),
+        )
+    if args.models:
+        if len(args.models) != 1:
+            raise ValueError("--task chat-memory runs one model at a time (give one --models)")
+        changes["model"] = args.models[0]
+    if args.lengths:
+        changes["lengths"] = tuple(args.lengths)
+    if args.budgets:
+        changes["budgets"] = tuple(args.budgets)
+    if args.threads is not None:
+        changes["n_threads"] = args.threads
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.rows:
+        known = [r.label for r in ROWS]
+        unknown = [label for label in args.rows if label not in known]
+        if unknown:
+            raise ValueError(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(known)}")
+        if "full" not in args.rows:
+            raise ValueError("--rows: the chat-memory table pairs every row with 'full'; keep it")
+        changes["rows"] = tuple(r for r in ROWS if r.label in args.rows)
+    return dataclasses.replace(config, **changes)
+
+
+def default_cache(config: ChatBenchConfig) -> Path:
+    from edgemerge.models import cache_dir
+
+    stem = Path(str(config.model)).stem.replace(os.sep, "_")
+    return cache_dir() / "bench" / f"chat_memory-{stem}-{config.split}.jsonl"
+
+
+def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object], ...]) -> int:
+    """Run (or resume) and print the table; write it to ``--out`` when given."""
+    from tqdm import tqdm
+
+    from edgemerge.evaluation.bench_cli import machine_line
+
+    try:
+        config = config_from_args(args, merge)
+    except ValueError as err:
+        print(f"edgemerge bench: {err}", file=sys.stderr)
+        return 2
+    cache = ResultCache(args.cache or default_cache(config))
+    bar = tqdm(desc="chat-memory", unit="run", disable=args.no_progress, file=sys.stderr)
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(what[:48])
+        bar.refresh()
+
+    try:
+        tokenize = _tokenizer(config.model)
+        _, all_jobs = run(config, cache, progress=progress, tokenize=tokenize)
+    except (FidelityInputError, FileNotFoundError) as err:
+        print(f"edgemerge bench: {err}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    threads = config.n_threads or max(1, os.cpu_count() or 1)
+    text = render(config, summarise(config, all_jobs, cache), command, machine_line(threads))
+    print(text)
+    print(f"results cached in {cache.path}", file=sys.stderr)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _tokenizer(model: str) -> Callable[[str], Sequence[int]]:
+    """The model's own tokenizer (vocabulary only), so case lengths are exact."""
+    import llama_cpp
+
+    from edgemerge.models import resolve_model
+
+    llm = llama_cpp.Llama(str(resolve_model(model)), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
