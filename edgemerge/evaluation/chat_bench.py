@@ -400,9 +400,10 @@ def _recall_lines(summaries: Sequence[RowSummary]) -> list[str]:
             [r["store_ram_bytes"] + r["store_disk_bytes"] for r in s.records], dtype=np.float64
         )
         share = np.array([r["recall_time_s"] / max(r["seconds"], 1e-9) for r in s.records])
+        restored = np.mean([r["blocks_restored"] for r in s.records])
         out.append(
             f"- {s.name}: store {np.mean(store / hist) * 1024 / 2**20:.2f} MiB per 1K tokens of "
-            f"history; blocks restored per case {np.mean([r['blocks_restored'] for r in s.records]):.0f}; "
+            f"history; blocks restored per case {restored:.0f}; "
             f"recall {np.mean(share):.0%} of the case's time"
         )
     return out
