@@ -139,3 +139,23 @@ def _quick() -> argparse.Namespace:
 def test_bench_cli_rejects_a_bad_merge_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cli.main(["--task", "chat-memory", "--merge", "nope=1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_cell_budgets_and_decode_speed(
+    config: cb.ChatBenchConfig, tokenize, tmp_path: Path
+) -> None:  # noqa: ANN001
+    cells = dataclasses.replace(
+        config,
+        n=1,
+        budgets=(300,),
+        budget_unit="cells",
+        decode_steps=4,
+        rows=_rows("full", "blockmerge"),
+    )
+    cache = cb.ResultCache(tmp_path / "cells.jsonl")
+    _, jobs = cb.run(cells, cache, tokenize=tokenize)
+    merged = next(r for r in cache.records.values() if r["row"] == "blockmerge")
+    assert merged["budget"] == 300 and merged["peak_cells"] <= 300 + 64
+    assert all(r["decode_tok_s"] > 0 for r in cache.records.values())
+    text = cb.render(cells, cb.summarise(cells, jobs, cache), "cmd", "machine")
+    assert "blockmerge @300 cells" in text and "budgets in cells" in text

@@ -81,7 +81,10 @@ class ChatBenchConfig:
         split: "dev" (tune on it) or "confirm" (report only).
         n: cases per length.
         lengths: conversation lengths in tokens.
-        budgets: merging rows' budgets, in percent of each case's tokens.
+        budgets: merging rows' budgets, in percent of each case's tokens, or in cells
+            when ``budget_unit`` is "cells".
+        budget_unit: "percent" or "cells".
+        decode_steps: single-token decode steps timed at the end of each case.
         rows: the rows, in table order.
         merge: MergeSettings fields applied to every merging row (after the row's own).
         n_batch: prefill chunk, the same for every row.
@@ -94,6 +97,8 @@ class ChatBenchConfig:
     n: int = 8
     lengths: tuple[int, ...] = (2048, 4096)
     budgets: tuple[int, ...] = (25, 40)
+    budget_unit: str = "percent"
+    decode_steps: int = 0
     rows: tuple[ChatRow, ...] = ROWS
     merge: tuple[tuple[str, object], ...] = ()
     n_batch: int = 256
@@ -125,11 +130,16 @@ class Job:
             "n_batch": config.n_batch,
             "model": str(config.model),
         }
+        if config.decode_steps:  # absent when off, so older cache files keep their keys
+            what["decode_steps"] = config.decode_steps
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def budget_cells(percent: int, case: cm.ChatMemoryCase) -> int:
-    return max(1, round(percent / 100 * case.n_tokens))
+def budget_cells(budget: int, case: cm.ChatMemoryCase, unit: str = "percent") -> int:
+    """A merging row's cell budget on ``case``."""
+    if unit == "cells":
+        return budget
+    return max(1, round(budget / 100 * case.n_tokens))
 
 
 def jobs(config: ChatBenchConfig, cases: Sequence[cm.ChatMemoryCase]) -> list[Job]:
@@ -138,7 +148,7 @@ def jobs(config: ChatBenchConfig, cases: Sequence[cm.ChatMemoryCase]) -> list[Jo
     for case in cases:
         for row in config.rows:
             for budget in (None,) if row.full else config.budgets:
-                cells = None if budget is None else budget_cells(budget, case)
+                cells = None if budget is None else budget_cells(budget, case, config.budget_unit)
                 out.append(Job(case, row, budget, config.settings(row, cells or 0)))
     return out
 
@@ -193,7 +203,7 @@ def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
     llm = make()
     start = time.perf_counter()
     try:
-        result = cm.run_chat_memory(llm, job.case)
+        result = cm.run_chat_memory(llm, job.case, decode_steps=config.decode_steps)
         stats = llm.merge_stats() if merge is not None else None
     finally:
         llm.close()
@@ -213,6 +223,7 @@ def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
         "kv_bytes": result.kv_bytes,
         "peak_kv_bytes": result.peak_cells * (result.kv_bytes // max(result.final_cells, 1)),
         "seconds": seconds,
+        "decode_tok_s": None if math.isnan(result.decode_tok_s) else result.decode_tok_s,
     }
     if stats is not None:
         record.update(
@@ -265,10 +276,18 @@ class RowSummary:
     kv_bytes: float  # mean peak KV bytes
     seconds: float
     records: tuple[dict[str, Any], ...]
+    unit: str = "percent"
 
     @property
     def name(self) -> str:
-        return self.row.label if self.budget is None else f"{self.row.label} @{self.budget}%"
+        if self.budget is None:
+            return self.row.label
+        return f"{self.row.label} @{self.budget}{'%' if self.unit == 'percent' else ' cells'}"
+
+    @property
+    def decode_tok_s(self) -> float:
+        speeds = [r["decode_tok_s"] for r in self.records if r.get("decode_tok_s")]
+        return float(np.mean(speeds)) if speeds else math.nan
 
 
 def summarise(
@@ -296,6 +315,7 @@ def summarise(
                 float(np.mean([r["peak_kv_bytes"] for r in recs])) if recs else math.nan,
                 float(np.mean([r["seconds"] for r in recs])) if recs else math.nan,
                 recs,
+                config.budget_unit,
             )
         )
     return out
@@ -311,12 +331,13 @@ def render(
     """The markdown table: accuracy, answer NLL, and paired intervals."""
     full = next((s for s in summaries if s.row.label == "full"), None)
     n = int(full.correct.size) if full is not None else 0
+    unit = "% of each conversation's tokens" if config.budget_unit == "percent" else "cells"
     lines = [
         f"### Chat memory, {Path(str(config.model)).name}, {config.split} split",
         "",
         f"{n} conversations ({config.n} per length; lengths {', '.join(map(str, config.lengths))} "
-        f"tokens), facts at varying depth; budgets in % of each conversation's tokens, held "
-        "from the first turn. Δ: paired mean difference with its 95% bootstrap interval; "
+        f"tokens), facts at varying depth; budgets in {unit}, held from the first turn. "
+        "Δ: paired mean difference with its 95% bootstrap interval; "
         "verdicts only where the interval excludes zero. NLL: answer tokens, nats/token.",
         "",
         f"Command: `{command}`",
@@ -324,8 +345,8 @@ def render(
         f"Machine: {machine}",
         "",
         "| row | accuracy | NLL | Δacc vs full | ΔNLL vs full | vs best equal-cells baseline "
-        "(ΔNLL) | vs full q4_0 (ΔNLL) | KV MiB | s/case |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+        "(ΔNLL) | vs full q4_0 (ΔNLL) | KV MiB | s/case | decode tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     if n == 0:
         return "\n".join(lines + ["", "(no case finished by every row yet)"])
@@ -344,10 +365,14 @@ def render(
             )
         lines.append(
             f"| {s.name} | {acc} | {s.nll.mean():.3f} | {d_acc} | {d_nll} | {vs} | {q4} | "
-            f"{s.kv_bytes / 2**20:.1f} | {s.seconds:.1f} |"
+            f"{s.kv_bytes / 2**20:.1f} | {s.seconds:.1f} | {_fmt_speed(s.decode_tok_s)} |"
         )
     lines += ["", *_frontier(summaries), "", *_recall_lines(summaries)]
     return "\n".join(lines)
+
+
+def _fmt_speed(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.1f}"
 
 
 def _best_baseline(summaries: Sequence[RowSummary], budget: int | None) -> RowSummary | None:
@@ -416,6 +441,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The chat-memory flags of ``edgemerge bench`` (``--task chat-memory``)."""
     ap.add_argument("--split", choices=cm.SPLITS, default="dev")
     ap.add_argument("--cases", type=int, default=8, help="conversations per length")
+    ap.add_argument(
+        "--budget-cells",
+        action="store_true",
+        help="--budgets are cell counts (e.g. 2048), not percentages of each conversation",
+    )
+    ap.add_argument(
+        "--decode-steps",
+        type=int,
+        default=0,
+        help="time this many single-token decode steps at each conversation's end",
+    )
     ap.add_argument("--lengths", type=int, nargs="+", help="conversation lengths in tokens")
     ap.add_argument(
         "--cache",
@@ -445,6 +481,11 @@ def config_from_args(
         changes["lengths"] = tuple(args.lengths)
     if args.budgets:
         changes["budgets"] = tuple(args.budgets)
+    if args.budget_cells:
+        changes["budget_unit"] = "cells"
+    if args.decode_steps < 0:
+        raise ValueError(f"--decode-steps must be >= 0, got {args.decode_steps}")
+    changes["decode_steps"] = args.decode_steps
     if args.threads is not None:
         changes["n_threads"] = args.threads
     if args.seed is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,6 +482,8 @@ class ChatMemoryResult:
         peak_cells: the most KV cells the sequence held after any turn.
         final_cells: KV cells when the question had been read.
         kv_bytes: ``final_cells`` times the KV bytes of one cell.
+        decode_tok_s: single-token decode steps per second at the conversation's end
+            (the timed steps after the answer; NaN when none were asked for).
     """
 
     correct: bool
@@ -490,6 +493,7 @@ class ChatMemoryResult:
     peak_cells: int
     final_cells: int
     kv_bytes: int
+    decode_tok_s: float = math.nan
 
 
 def _n_cells(llm: Any) -> int:
@@ -513,7 +517,7 @@ def _bytes_per_cell(llm: Any) -> int:
 def _last_logits(llm: Any) -> np.ndarray:
     import llama_cpp
 
-    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
@@ -528,7 +532,11 @@ def normalise(text: str) -> str:
 
 
 def run_chat_memory(
-    llm: Any, case: ChatMemoryCase, *, max_new_tokens: int = MAX_NEW_TOKENS
+    llm: Any,
+    case: ChatMemoryCase,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    decode_steps: int = 0,
 ) -> ChatMemoryResult:
     """Feed ``case`` turn by turn into ``llm`` as ``edgemerge chat`` does, then score.
 
@@ -538,6 +546,8 @@ def run_chat_memory(
             settings keep (the whole conversation when it does not merge).
         case: the conversation.
         max_new_tokens: longest greedy reply to the question.
+        decode_steps: after scoring, this many more single-token evaluations (the
+            answer's tokens again) are timed for ``decode_tok_s``.
 
     Raises:
         ValueError: from llama-cpp-python when the conversation does not fit the
@@ -575,6 +585,12 @@ def run_chat_memory(
             final_cells = _n_cells(llm)
         nlls.append(_nll(_last_logits(llm), target[i]))
     peak = max(peak, final_cells)
+    decode_tok_s = math.nan
+    if decode_steps > 0:
+        start = time.perf_counter()
+        for i in range(decode_steps):
+            llm.eval([target[i % len(target)]])
+        decode_tok_s = decode_steps / (time.perf_counter() - start)
     return ChatMemoryResult(
         correct=bool(correct),
         answer_nll=float(np.mean(nlls)),
@@ -583,6 +599,7 @@ def run_chat_memory(
         peak_cells=peak,
         final_cells=final_cells,
         kv_bytes=final_cells * _bytes_per_cell(llm),
+        decode_tok_s=decode_tok_s,
     )
 
 
