@@ -60,6 +60,8 @@ MAIN_ROWS: tuple[Row, ...] = (
     Row("streaming_llm", "streaming_llm"),
     Row("h2o", "h2o"),
     Row("snapkv", "snapkv"),
+    Row("expected_attention", "expected_attention"),
+    Row("keydiff", "keydiff"),
     Row("cam", "cam"),
     # The paper's rule: merge every pair above epsilon = 0.75, even below the budget.
     Row("kvmerger (eps 0.75)", "kvmerger"),

@@ -45,6 +45,12 @@ arrays (``KVCapture.snapshot``), ready for the compression methods.
 The scale of the attention logits for the returned queries is ``attn_scale``
 (``logit = attn_scale * q . k``): ``1/sqrt(head_dim)`` for llama/qwen2; Gemma 3 scales
 its queries after RoPE by ``f_attention_scale`` and uses a KQ scale of 1.
+
+The rotation the keys and queries carry is ``ModelLayout.rope`` (and ``snapshot.rope``):
+llama.cpp's rope type (norm or neox), ``rope.dimension_count``, ``rope.freq_base`` and
+the trained linear frequency scale, for the full-attention layers; None for YaRN,
+LongRoPE and multi-section types, which :class:`edgemerge.reference.rope.Rope` does not
+describe. Per-frequency factor tensors (``rope_freqs``, Llama 3.1) are not read.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from edgemerge import _llamalog, kvstate
 from edgemerge._libpath import library_file
 from edgemerge.methods.base import KVSnapshot
 from edgemerge.reference import ggml_quants
+from edgemerge.reference.rope import Rope
 
 # Archs whose query scaling is known (see attn_scale above).
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
@@ -94,6 +101,8 @@ class ModelLayout:
     sliding_window_layers: tuple[int, ...]
     full_attention_layers: tuple[int, ...]
     attn_scale: float
+    # the full-attention layers' RoPE; None for rotations Rope does not describe
+    rope: Rope | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,7 +327,43 @@ def model_layout(model: llama_cpp.llama_model_p) -> ModelLayout:
         scale = float(np.float32(1.0) / np.sqrt(np.float32(base)))
     else:
         scale = 1.0 / math.sqrt(head_dim)
-    return ModelLayout(arch, n_layer, n_head, n_kv_head, head_dim, n_swa, sliding, full, scale)
+    return ModelLayout(
+        arch,
+        n_layer,
+        n_head,
+        n_kv_head,
+        head_dim,
+        n_swa,
+        sliding,
+        full,
+        scale,
+        _rope(model, arch, head_dim),
+    )
+
+
+# llama.cpp's enum llama_rope_type values that Rope describes
+_ROPE_STYLES = {llama_cpp.LLAMA_ROPE_TYPE_NORM: "norm", llama_cpp.LLAMA_ROPE_TYPE_NEOX: "neox"}
+
+
+def _rope(model: llama_cpp.llama_model_p, arch: str, head_dim: int) -> Rope | None:
+    """The full-attention layers' RoPE as llama.cpp loads it, or None when Rope cannot say.
+
+    The sliding-window layers of Gemma 3 use another base (``rope.freq_base_swa``); they are
+    never in a snapshot, so only the full-attention rotation is read. YaRN and LongRoPE
+    scaling change the angles and magnitudes in ways Rope does not model: None.
+    """
+    style = _ROPE_STYLES.get(llama_cpp.llama_model_rope_type(model))
+    scaling = _meta(model, f"{arch}.rope.scaling.type")
+    if style is None or scaling not in (None, "none", "linear"):
+        return None
+    n_rot = _meta(model, f"{arch}.rope.dimension_count")
+    base = _meta(model, f"{arch}.rope.freq_base")
+    return Rope(
+        style,
+        int(n_rot) if n_rot is not None else head_dim,
+        float(base) if base is not None else 10_000.0,  # llama.cpp's default
+        float(llama_cpp.llama_model_rope_freq_scale_train(model)),
+    )
 
 
 def _sliding_layers(
@@ -570,6 +615,7 @@ def _assemble(
         query_positions=query_positions,
         layers=selected,
         attn_scale=layout.attn_scale,
+        rope=layout.rope,
     )
     return KVCapture(
         keys=snapshot.keys,

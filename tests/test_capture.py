@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from edgemerge import kvstate
-from edgemerge.capture import CaptureError, KVCapture, capture_kv
+from edgemerge.capture import CaptureError, KVCapture, capture_kv, model_layout
+from edgemerge.evaluation.scoring import decode_chunk, new_context
 from edgemerge.methods.base import KVSnapshot
 from edgemerge.reference import ggml_quants as gq
+from edgemerge.reference.rope import Rope, rotate
 from edgemerge.tiny_models import tokenizer_metadata, write_tiny_model
 
 TEXT = b"A capture reads the cache, the queries and the attention of a real model run. " * 2
@@ -262,6 +264,59 @@ def test_capture_reuses_a_loaded_llama(qwen2_path: Path) -> None:
     assert from_llama.state_bytes == from_path.state_bytes
     np.testing.assert_array_equal(from_llama.queries, from_path.queries)
     llm.close()
+
+
+def keys_decoded_from(path: Path, tokens: list[int], first_pos: int) -> tuple[np.ndarray, Rope]:
+    """Full-attention keys (f32 cache) of ``tokens`` decoded at ``first_pos..``, and the RoPE."""
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    ctx = new_context(
+        llm.model, 512, n_batch=N_BATCH, n_threads=2, flash_attn=False, cache_type="f32"
+    )
+    batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+    try:
+        for start in range(0, len(tokens), N_BATCH):
+            chunk = np.asarray(tokens[start : start + N_BATCH])
+            decode_chunk(ctx, batch, chunk, first_pos + start, all_logits=False)
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) == size
+        layout = model_layout(llm.model)
+        stream = kvstate.parse_seq_state(bytes(buf)).caches[0].stream
+        np.testing.assert_array_equal(stream.positions, first_pos + np.arange(len(tokens)))
+        return stream.keys_values(layout.n_kv_head)[0], layout.rope
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "rope"),
+    [
+        ("qwen2", Rope("neox", 32, 1_000_000.0)),
+        ("llama", Rope("norm", 16, 10_000.0)),
+        ("gemma3", Rope("neox", 32, 1_000_000.0)),
+    ],
+)
+def test_layout_rope_is_the_rotation_llama_cpp_applies(
+    arch: str, rope: Rope, request: pytest.FixtureRequest
+) -> None:
+    """Attention sees relative positions only, so the same tokens decoded 300 positions
+    later leave pre-RoPE keys unchanged: the cached keys differ by exactly R(300). A wrong
+    pairing style, base or rotated width would leave errors of the keys' own size."""
+    path = request.getfixturevalue({"llama": "tiny_llama_path"}.get(arch, f"{arch}_path"))
+    tokens = tokenize(path)[:40]
+    at_zero, layout_rope = keys_decoded_from(path, tokens, 0)
+    later, _ = keys_decoded_from(path, tokens, 300)
+    assert layout_rope == rope
+    expect = rotate(at_zero, np.full(len(tokens), 300), rope)
+    scale = np.abs(at_zero).max()
+    assert np.abs(later - expect).max() < 1e-3 * scale  # observed: below 1e-4
+    # and not by accident: the other pairing is far off
+    other = Rope("norm" if rope.style == "neox" else "neox", rope.n_rot, rope.freq_base)
+    assert np.abs(later - rotate(at_zero, np.full(len(tokens), 300), other)).max() > 0.1 * scale
+    cap = capture_kv(path, tokens, n_obs=2, n_batch=N_BATCH)
+    assert cap.snapshot.rope == rope
 
 
 REAL_TEXT = (

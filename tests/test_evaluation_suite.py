@@ -15,12 +15,13 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge.capture import capture_kv
+from edgemerge.capture import capture_kv, model_layout
 from edgemerge.evaluation import memprobe, report, suite
 from edgemerge.evaluation.scoring import Scorer, row_major_v
 from edgemerge.evaluation.streaming import StreamingPrefill
 from edgemerge.kvstate import parse_seq_state, write_seq_state
-from edgemerge.methods import get_method
+from edgemerge.methods import CompressedKV, ExpectedAttention, KVSnapshot, get_method
+from edgemerge.reference.rope import Rope
 from edgemerge.tiny_models import write_tiny_model
 
 N_BATCH = 32
@@ -31,6 +32,8 @@ ROWS = (
     suite.Row("streaming_llm", "streaming_llm"),
     suite.Row("h2o", "h2o"),
     suite.Row("snapkv", "snapkv"),
+    suite.Row("expected_attention", "expected_attention", {"n_future": 64}),
+    suite.Row("keydiff", "keydiff"),
     suite.Row(
         "blockmerge",
         "blockmerge",
@@ -104,7 +107,9 @@ def test_streaming_prefill_without_compression_is_the_capture(llm: llama_cpp.Lla
     np.testing.assert_array_equal(values, capture.values)
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "kvmerger"])
+@pytest.mark.parametrize(
+    "name", ["streaming_llm", "h2o", "snapkv", "expected_attention", "keydiff", "kvmerger"]
+)
 def test_streaming_prefill_holds_the_budget(llm: llama_cpp.Llama, name: str) -> None:
     tokens = _prefix(llm, 230)
     budget = 96
@@ -121,6 +126,24 @@ def test_streaming_prefill_holds_the_budget(llm: llama_cpp.Llama, name: str) -> 
         assert positions[:n_sink].tolist() == list(range(n_sink))
         recent = positions[n_sink:]
         assert recent.tolist() == list(range(230 - recent.shape[0], 230))
+
+
+def test_streaming_snapshots_carry_the_models_rope(llm: llama_cpp.Llama) -> None:
+    """ExpectedAttention moves its query statistics with the model's RoPE: the streaming
+    snapshots must carry it, and their last query must be the newest cell."""
+    seen = []
+
+    class Recording(ExpectedAttention):
+        def compress(self, kv: KVSnapshot, budget: int) -> CompressedKV:
+            seen.append((kv.rope, int(kv.query_positions[-1]), int(kv.positions[-1])))
+            return super().compress(kv, budget)
+
+    with StreamingPrefill(llm, 256, n_batch=N_BATCH, n_obs=4, n_threads=2) as stream:
+        stream.prefill(_prefix(llm, 200), Recording(n_future=64, n_recent=8), budget=96)
+    assert len(seen) >= 3
+    for rope, last_query, last_cell in seen:
+        assert rope == model_layout(llm.model).rope == Rope("norm", 32, 10_000.0)
+        assert last_query == last_cell
 
 
 def test_streaming_prefill_rejects_a_budget_that_cannot_take_a_chunk(llm: llama_cpp.Llama) -> None:

@@ -140,6 +140,8 @@ def test_registry_and_get_method_errors() -> None:
         "streaming_llm",
         "h2o",
         "snapkv",
+        "expected_attention",
+        "keydiff",
         "cam",
         "kvmerger",
         "blockmerge",
@@ -461,7 +463,18 @@ def test_gemma_like_snapshot_with_few_layers() -> None:
 @given(
     st.integers(20, 120),
     st.integers(0, 2**31 - 1),
-    st.sampled_from(["blockmerge", "kvmerger", "cam", "h2o", "snapkv", "streaming_llm"]),
+    st.sampled_from(
+        [
+            "blockmerge",
+            "kvmerger",
+            "cam",
+            "h2o",
+            "snapkv",
+            "expected_attention",
+            "keydiff",
+            "streaming_llm",
+        ]
+    ),
     st.data(),
 )
 def test_random_snapshots_and_budgets(n_tok, seed, name, data) -> None:
@@ -478,7 +491,12 @@ def test_random_snapshots_and_budgets(n_tok, seed, name, data) -> None:
         queries=rng.standard_normal((2, 2, 4, 32)).astype(np.float32),
         query_positions=np.full(4, 10**6, np.int32),
     )
-    settings_ = {"blockmerge": {"recent": 8, "block_size": 4}, "kvmerger": {"n_recent": 4}}
+    settings_ = {
+        "blockmerge": {"recent": 8, "block_size": 4},
+        "kvmerger": {"n_recent": 4},
+        "expected_attention": {"n_recent": 4},
+        "keydiff": {"n_recent": 4},
+    }
     method = get_method(name, **settings_.get(name, {}))
     budget = data.draw(st.integers(method.min_budget(n_tok), n_tok + 2))
     out = method.compress(kv, budget)

@@ -18,7 +18,8 @@ What the methods get at each compression (as a :class:`KVSnapshot`):
   carried through compressions: a merged cell's importance is its members' sum;
 * ``queries``: the post-RoPE queries of the chunk's last ``n_obs`` tokens (SnapKV's
   observation window);
-* ``mass`` and ``spans`` of cells merged earlier, so re-merging keeps the bookkeeping.
+* ``mass`` and ``spans`` of cells merged earlier, so re-merging keeps the bookkeeping;
+* ``rope``: the model's RoPE (ExpectedAttention moves its query statistics forward).
 
 Cell order is slot order: after a restore into an empty cache llama.cpp places the
 cells in slots ``0..n-1`` in the state's order and appends new tokens after them. The
@@ -202,6 +203,7 @@ class StreamingPrefill(ContextSession):
                 mass=mass,
                 spans=spans,
                 attn_scale=self.layout.attn_scale,
+                rope=self.layout.rope,
             )
             io_s += time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -87,6 +87,9 @@ ROWS: tuple[Row, ...] = (
     Row("streaming_llm", "streaming_llm"),
     Row("h2o", "h2o"),
     Row("snapkv", "snapkv"),
+    # query-agnostic: statistics of the last n_obs queries moved to the next 512 positions
+    Row("expected_attention", "expected_attention"),
+    Row("keydiff", "keydiff"),
     # the paper's rule with epsilon above any cosine, so the budget alone sets the cut
     Row("kvmerger", "kvmerger", {"threshold": 1.01}),
     Row("blockmerge", "blockmerge", {"recent": BENCH_RECENT}, "native", merge=True),

@@ -16,15 +16,29 @@ from edgemerge._lazy import lazy_submodules
 from edgemerge.methods.base import CompressedKV, CompressionMethod, KVSnapshot
 from edgemerge.methods.blockmerge import BlockMerge
 from edgemerge.methods.cam import CaM
+from edgemerge.methods.expected_attention import ExpectedAttention
 from edgemerge.methods.full import Full
 from edgemerge.methods.h2o import H2O
+from edgemerge.methods.keydiff import KeyDiff
 from edgemerge.methods.kv_quant import KVQuant
 from edgemerge.methods.kvmerger import KVMerger
 from edgemerge.methods.snapkv import SnapKV
 from edgemerge.methods.streaming_llm import StreamingLLM
 
 METHODS: dict[str, type[CompressionMethod]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, SnapKV, CaM, KVMerger, BlockMerge, KVQuant)
+    cls.name: cls
+    for cls in (
+        Full,
+        StreamingLLM,
+        H2O,
+        SnapKV,
+        ExpectedAttention,
+        KeyDiff,
+        CaM,
+        KVMerger,
+        BlockMerge,
+        KVQuant,
+    )
 }
 
 
@@ -56,11 +70,13 @@ __all__ = [
     "CaM",
     "CompressedKV",
     "CompressionMethod",
+    "ExpectedAttention",
     "Full",
     "H2O",
     "KVMerger",
     "KVQuant",
     "KVSnapshot",
+    "KeyDiff",
     "SnapKV",
     "StreamingLLM",
     "get_method",

@@ -31,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from edgemerge.reference._checks import csr, float_array, index_array
+from edgemerge.reference.rope import Rope
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -59,6 +60,8 @@ class KVSnapshot:
         spans: int32 ``[n_tok, 2]`` first and last original position each cell covers
             (default ``[pos, pos]``).
         attn_scale: the model's KQ scale (default ``1 / sqrt(d_k)``).
+        rope: the rotation the keys and queries carry (one for all the given layers),
+            or None when unknown; methods that move queries to other positions need it.
     """
 
     keys: np.ndarray
@@ -71,6 +74,7 @@ class KVSnapshot:
     mass: np.ndarray | None = None
     spans: np.ndarray | None = None
     attn_scale: float | None = None
+    rope: Rope | None = None
 
     def __post_init__(self) -> None:
         keys = float_array(self.keys, "KVSnapshot.keys", 4)
@@ -148,6 +152,13 @@ class KVSnapshot:
             object.__setattr__(self, "spans", _frozen(sp))
         if self.attn_scale is not None and not np.isfinite(self.attn_scale):
             raise ValueError(f"KVSnapshot.attn_scale must be finite, got {self.attn_scale}")
+        if self.rope is not None:
+            if not isinstance(self.rope, Rope):
+                raise ValueError(f"KVSnapshot.rope must be a Rope or None, got {self.rope!r}")
+            if self.rope.n_rot > d_k:
+                raise ValueError(
+                    f"KVSnapshot.rope rotates {self.rope.n_rot} dimensions, the keys have {d_k}"
+                )
 
     @property
     def n_layer(self) -> int:
@@ -284,6 +295,7 @@ class CompressedKV:
         query_positions: np.ndarray | None = None,
         layers: tuple[int, ...] | None = None,
         attn_scale: float | None = None,
+        rope: Rope | None = None,
     ) -> KVSnapshot:
         """These cells as a snapshot to compress again (mass and spans carry over).
 
@@ -300,6 +312,7 @@ class CompressedKV:
             mass=self.mass,
             spans=self.span,
             attn_scale=attn_scale,
+            rope=rope,
         )
 
 

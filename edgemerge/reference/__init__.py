@@ -12,6 +12,7 @@ does not compile the others' numba kernels):
 - :mod:`~edgemerge.reference.error`: per-set and whole-cache error estimates.
 - :mod:`~edgemerge.reference.attention`: plain softmax attention with GQA.
 - :mod:`~edgemerge.reference.ggml_quants`: bit-exact ggml row encodings (f16, bf16, q8_0, q4_0).
+- :mod:`~edgemerge.reference.rope`: llama.cpp's RoPE (norm/neox pairing, base, scale).
 
 Conventions: float32 arrays in and out (float64 inside), shapes ``[n_layer, n_head, n_tok, d]``
 for per-token K/V, groups of tokens as CSR (``member_index`` int32 ``[nnz]``, ``offsets``
