@@ -147,15 +147,22 @@ def test_cell_budgets_and_decode_speed(
     cells = dataclasses.replace(
         config,
         n=1,
-        budgets=(300,),
+        budgets=(300, 100),
         budget_unit="cells",
         decode_steps=4,
         rows=_rows("full", "blockmerge"),
     )
     cache = cb.ResultCache(tmp_path / "cells.jsonl")
     _, jobs = cb.run(cells, cache, tokenize=tokenize)
-    merged = next(r for r in cache.records.values() if r["row"] == "blockmerge")
+    merged = next(
+        r for r in cache.records.values() if r["row"] == "blockmerge" and r["budget"] == 300
+    )
     assert merged["budget"] == 300 and merged["peak_cells"] <= 300 + 64
-    assert all(r["decode_tok_s"] > 0 for r in cache.records.values())
-    text = cb.render(cells, cb.summarise(cells, jobs, cache), "cmd", "machine")
+    assert all(r["decode_tok_s"] > 0 for r in cache.records.values() if "error" not in r)
+    summaries = cb.summarise(cells, jobs, cache)
+    text = cb.render(cells, summaries, "cmd", "machine")
     assert "blockmerge @300 cells" in text and "budgets in cells" in text
+    # 100 cells cannot hold a 64-token batch on top of sinks + recent: recorded, left out
+    assert [s.name for s in summaries] == ["full", "blockmerge @300 cells"]
+    (line,) = cb.infeasible(cells, jobs, cache)
+    assert line.startswith("- blockmerge @100 cells: not run (budget: 100 leaves")

@@ -101,7 +101,9 @@ class ChatBenchConfig:
     decode_steps: int = 0
     rows: tuple[ChatRow, ...] = ROWS
     merge: tuple[tuple[str, object], ...] = ()
-    n_batch: int = 256
+    # 128, not llama.cpp's 512 or the chat's 256: a budget must hold a batch on top of
+    # sinks + recent (272 cells by default), and 25% of a 2K conversation is ~512 cells
+    n_batch: int = 128
     n_threads: int | None = None
     seed: int = 0
 
@@ -189,7 +191,7 @@ def _n_ctx(job: Job, config: ChatBenchConfig) -> int:
 
 def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
     """Run one job on a fresh Llama; the record the cache keeps."""
-    from edgemerge.settings import MergeSettings
+    from edgemerge.settings import MergeSettings, SettingsError
 
     merge = None if job.settings is None else MergeSettings.from_dict(dict(job.settings))
     make = cm.llm_factory(
@@ -200,7 +202,17 @@ def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
         n_batch=config.n_batch,
         n_threads=config.n_threads,
     )
-    llm = make()
+    identity = {
+        "key": job.key(config),
+        "case": job.case.label,
+        "length": job.case.length,
+        "row": job.row.label,
+        "budget": job.budget,
+    }
+    try:
+        llm = make()
+    except SettingsError as err:  # the budget cannot hold a batch: the row is infeasible
+        return {**identity, "error": str(err)}
     start = time.perf_counter()
     try:
         result = cm.run_chat_memory(llm, job.case, decode_steps=config.decode_steps)
@@ -209,11 +221,7 @@ def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
         llm.close()
     seconds = time.perf_counter() - start
     record: dict[str, Any] = {
-        "key": job.key(config),
-        "case": job.case.label,
-        "length": job.case.length,
-        "row": job.row.label,
-        "budget": job.budget,
+        **identity,
         "correct": result.correct,
         "nll": result.answer_nll,
         "reply": result.reply,
@@ -301,6 +309,13 @@ def summarise(
         if record is not None:
             done.setdefault((job.row.label, job.budget), {})[job.case.label] = record
     groups = [(r, b) for r in config.rows for b in ((None,) if r.full else config.budgets)]
+    # a row that could not run on some case (its budget cannot hold a batch) is left out
+    # of the table rather than shrinking every other row's cases
+    groups = [
+        (r, b)
+        for r, b in groups
+        if not any("error" in rec for rec in done.get((r.label, b), {}).values())
+    ]
     labels = list(dict.fromkeys(job.case.label for job in all_jobs))
     common = [c for c in labels if all(c in done.get((r.label, b), {}) for r, b in groups)]
     out = []
@@ -319,6 +334,17 @@ def summarise(
             )
         )
     return out
+
+
+def infeasible(config: ChatBenchConfig, all_jobs: Iterable[Job], cache: ResultCache) -> list[str]:
+    """One line per row and budget that could not run, with the first reason given."""
+    out: dict[str, str] = {}
+    for job in all_jobs:
+        record = cache.records.get(job.key(config))
+        if record is not None and "error" in record:
+            unit = "%" if config.budget_unit == "percent" else " cells"
+            out.setdefault(f"{job.row.label} @{job.budget}{unit}", record["error"])
+    return [f"- {name}: not run ({why})" for name, why in out.items()]
 
 
 def _interval(a: np.ndarray, b: np.ndarray, seed: int) -> PairedInterval | None:
@@ -538,6 +564,9 @@ def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object]
         bar.close()
     threads = config.n_threads or max(1, os.cpu_count() or 1)
     text = render(config, summarise(config, all_jobs, cache), command, machine_line(threads))
+    skipped = infeasible(config, all_jobs, cache)
+    if skipped:
+        text += "\n\n" + "\n".join(skipped)
     print(text)
     print(f"results cached in {cache.path}", file=sys.stderr)
     if args.out is not None:
