@@ -28,6 +28,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edgemerge import kvstate, native
 from edgemerge.recall.scoring import attention_shares, choose_blocks
@@ -276,9 +277,13 @@ class RecallEngine:
         store_k = np.concatenate([entries[b].k for b in order], axis=1)
         sizes = np.array([entries[b].positions.size for b in order])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
-        block_score, cell_score = attention_shares(
-            q, self.attn_scale, cache_keys, bias, self._keys(store_k, k_type, width), starts
-        )
+        # BLAS gets the context's thread count: its own default (every core) fights the
+        # llama.cpp threadpool for the same cores and made scoring several times slower
+        threads = max(1, int(llama_cpp.llama_n_threads_batch(self.ctx)))
+        with threadpool_limits(limits=threads, user_api="blas"):
+            block_score, cell_score = attention_shares(
+                q, self.attn_scale, cache_keys, bias, self._keys(store_k, k_type, width), starts
+            )
         best = float(block_score.max()) if block_score.size else 0.0
         chosen = [order[i] for i in choose_blocks(block_score, s.recall_blocks, s.recall_threshold)]
         if not chosen:

@@ -65,7 +65,9 @@ def attention_shares(
     bias = cache_bias.astype(np.float32)[None, None, :]
     for il in range(n_layer):
         q = _grouped(queries[il].astype(np.float32), n_kv) * np.float32(attn_scale)
-        logits = np.matmul(q, cache_keys[il].transpose(0, 2, 1)) + bias  # [H, G*T, n]
+        # contiguous [H, D, n] operands: BLAS then runs without strided copies
+        keys_t = np.ascontiguousarray(cache_keys[il].transpose(0, 2, 1))
+        logits = np.matmul(q, keys_t) + bias  # [H, G*T, n]
         top = logits.max(axis=-1, keepdims=True)
         share = np.exp(logits - top)
         denom = share.sum(axis=-1, keepdims=True)
@@ -75,7 +77,8 @@ def attention_shares(
         per_head = share.reshape(n_kv, g, t, -1).mean(axis=2)  # [H, G, n]
         np.maximum(cell_score, per_head.max(axis=(0, 1)), out=cell_score)
         if n_blocks:
-            s = np.matmul(q, store_keys[il].transpose(0, 2, 1))  # [H, G*T, n_stored]
+            stored_t = np.ascontiguousarray(store_keys[il].transpose(0, 2, 1))
+            s = np.matmul(q, stored_t)  # [H, G*T, n_stored]
             best = np.maximum.reduceat(s, block_starts, axis=-1)  # [H, G*T, n_blocks]
             b_share = np.exp(np.minimum(best - lse, 0.0)).reshape(n_kv, g, t, -1).mean(axis=2)
             np.maximum(block_score, b_share.max(axis=(0, 1)), out=block_score)
