@@ -19,22 +19,21 @@ def test_patched_libllama_is_loaded_by_llama_cpp():
 
     import llama_cpp
 
-    # The symbol exists only in a libllama built with native/patches/0001.
-    fn = llama_cpp.llama_cpp._lib.llama_edgemerge_version
+    # The symbol exists only in a libllama built with edgemerge's native/src compiled in.
+    fn = llama_cpp.llama_cpp._lib.edgemerge_version
     fn.restype = ctypes.c_char_p
     assert fn().decode() == edgemerge.__version__
     assert Path(llama_cpp.llama_cpp._base_path).resolve() == LIB_DIR.resolve()
 
 
-def test_libedgemerge_links_the_patched_libllama():
+def test_bindings_load_the_patched_libllama():
     assert native.version() == edgemerge.__version__
-    assert native.llama_version() == edgemerge.__version__
     assert native.lib().edgemerge_last_error() is not None
 
 
 def test_cdef_comes_from_the_header():
     cdef = native.cdef_from_header()
-    assert "edgemerge_llama_version" in cdef
+    assert "edgemerge_version" in cdef and "EDGEMERGE_BIAS_MAX" in cdef
     assert "#" not in cdef and "EDGEMERGE_API" not in cdef
 
 
