@@ -31,6 +31,19 @@ def test_bindings_load_the_patched_libllama():
     assert native.lib().edgemerge_last_error() is not None
 
 
+def test_constants_come_from_the_header():
+    from edgemerge import kvmerge, kvstate, ops
+    from edgemerge.reference import merge as reference_merge
+
+    lib = native.lib()
+    assert kvstate.MERGE_BIAS_MAX == lib.EDGEMERGE_BIAS_MAX == 65504
+    assert kvstate.MERGE_SECTION_TAG == lib.EDGEMERGE_STATE_TAG
+    assert kvstate.MERGE_SECTION_TAG.to_bytes(4, "little") == b"EGM1"
+    for module in (kvmerge, ops, reference_merge):
+        assert module.MERGE_MAGNITUDE == lib.EDGEMERGE_MERGE_MAGNITUDE
+        assert module.MERGE_SLERP == lib.EDGEMERGE_MERGE_SLERP
+
+
 def test_cdef_comes_from_the_header():
     cdef = native.cdef_from_header()
     assert "edgemerge_version" in cdef and "EDGEMERGE_BIAS_MAX" in cdef
