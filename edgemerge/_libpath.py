@@ -76,5 +76,5 @@ def _libname(stem: str) -> str:
 
 
 def library_file(stem: str) -> Path:
-    """Path of one of edgemerge's shared libraries, e.g. ``library_file("edgemerge")``."""
+    """Path of one of edgemerge's shared libraries, e.g. ``library_file("llama")``."""
     return LIB_DIR / _libname(stem)

@@ -1,7 +1,7 @@
 """Per-cell metadata of edgemerge's patched KV cache: attention bias and position span.
 
 Every cell of the llama.cpp KV cache (one token's K and V in every layer) carries two
-extra facts once native/patches/0002 is applied:
+extra facts once native/patches/0002-0004 are applied:
 
 - ``bias``: added to the cell's KQ-mask entry, i.e. to its attention score for every
   query that sees it. A merged cell standing for ``m`` tokens' worth of attention mass
@@ -137,7 +137,8 @@ def set_cell(
     """Set the attention bias and position span of cache cell ``cell`` of ``seq_id``.
 
     The span must contain the cell's position (``0 <= span_min <= pos <= span_max``)
-    and the bias must be finite with ``|bias| <= 65504`` (the flash-attention mask is f16).
+    and the bias must be finite with ``|bias| <= EDGEMERGE_BIAS_MAX`` (65504: the
+    flash-attention mask is f16).
 
     Raises:
         NativeError: unknown sequence, cell outside the cache or not in the sequence,

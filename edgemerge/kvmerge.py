@@ -1,4 +1,4 @@
-"""Merging KV cells inside edgemerge's patched llama.cpp cache (native/patches/0004).
+"""Merging KV cells inside edgemerge's patched llama.cpp cache (native/src/kv_merge.cpp).
 
 Three calls, each on the backend that holds the cache:
 
@@ -22,8 +22,9 @@ import numpy as np
 from edgemerge import native
 from edgemerge.kvcells import _context_pointer
 
-MERGE_MAGNITUDE = 1
-MERGE_SLERP = 2
+# enum edgemerge_merge_flags of edgemerge.h
+MERGE_MAGNITUDE = native.lib().EDGEMERGE_MERGE_MAGNITUDE
+MERGE_SLERP = native.lib().EDGEMERGE_MERGE_SLERP
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def kv_merge(
 
     Keys use the direction/magnitude merge (``magnitude``, ``slerp``); values the plain
     weighted mean unless ``value_magnitude``. Raises :class:`edgemerge.native.NativeError`
-    with libllama's message when the groups are invalid; the cache is then unchanged.
+    with the library's message when the groups are invalid; the cache is then unchanged.
     """
     ffi = native.ffi()
     shape = kv_shape(ctx)

@@ -15,8 +15,8 @@ layers' cache. Each cache block is
         per cell:    i32 pos, u32 n_seq_id,
                      [i32 x, i32 y, i32 tok  only for M-RoPE / PLE models],
                      i32 seq_id * n_seq_id
-        [merge section, edgemerge patch 0002, only when some cell is merged:
-                     u32 tag 0x314D4745 ("EGM1"), u32 cell_count,
+        [merge section, edgemerge patch 0004, only when some cell is merged:
+                     u32 tag EDGEMERGE_STATE_TAG ("EGM1"), u32 cell_count,
                      per cell: f32 bias, i32 span_min, i32 span_max]
         u32 v_trans, u32 n_layer            (n_layer = layers in THIS cache)
         per layer:   i32 k_type, u64 k_row_bytes, k_row_bytes * cell_count bytes
@@ -33,7 +33,7 @@ so transposed V is always f32/f16/bf16.
 
 The merge section sits where v_trans used to be; its tag can never be a valid
 v_trans (0 or 1), which is how a reader tells them apart. llama.cpp validates it
-on restore: a finite bias with ``|bias| <= 65504`` (the f16 mask range) and
+on restore: a finite bias with ``|bias| <= EDGEMERGE_BIAS_MAX`` (65504, the f16 mask range) and
 ``0 <= span_min <= pos <= span_max``; so does this module.
 
 Cells are written in cache-slot order, so for a sequence decoded from position 0
@@ -48,13 +48,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from edgemerge import native
 from edgemerge.reference import ggml_quants
 
 STATE_SEQ_MAGIC = 0xAF143CD8
 GGML_TYPE_COUNT = 43  # enum ggml_type in ggml.h; ids at or above it are corrupt
 CELL_EXT_BYTES = 12  # struct llama_kv_cell_ext: i32 x, i32 y, i32 tok
-MERGE_SECTION_TAG = 0x314D4745  # "EGM1" as little-endian bytes (native patch 0002)
-MERGE_BIAS_MAX = 65504.0  # |bias| limit: the largest finite f16, the flash-attention mask type
+# Both from edgemerge.h (enum edgemerge_limits), which the native reader and writer use too.
+MERGE_SECTION_TAG = native.lib().EDGEMERGE_STATE_TAG  # "EGM1" as little-endian bytes
+MERGE_BIAS_MAX = float(native.lib().EDGEMERGE_BIAS_MAX)  # the largest finite f16 (mask type)
 
 # Bounds that only corrupt data can exceed; they keep a bad count from turning
 # into a huge allocation before the truncation check can fire.

@@ -1,7 +1,8 @@
-"""cffi (ABI mode) bindings to libedgemerge.
+"""cffi (ABI mode) bindings to edgemerge's C API, compiled into the patched libllama.
 
 The cdef is read from the installed ``edgemerge.h`` itself (the block between
-its CDEF markers), so the header stays the single source of truth.
+its CDEF markers), so the header stays the single source of truth, for the
+functions and for the constants (``lib().EDGEMERGE_BIAS_MAX`` and the like).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _CDEF_RE = re.compile(r"/\* EDGEMERGE_CDEF_BEGIN \*/(.*?)/\* EDGEMERGE_CDEF_END 
 
 
 class NativeError(RuntimeError):
-    """A libedgemerge call failed; the message is the library's own."""
+    """An edgemerge C call failed; the message is the library's own."""
 
 
 def cdef_from_header(path: Path = HEADER) -> str:
@@ -34,8 +35,9 @@ def cdef_from_header(path: Path = HEADER) -> str:
 def _ffi_lib() -> tuple[cffi.FFI, object]:
     ffi = cffi.FFI()
     ffi.cdef(cdef_from_header())
-    # Loading libedgemerge pulls in the patched libllama next to it via $ORIGIN.
-    lib = ffi.dlopen(str(library_file("edgemerge")))
+    # The same file llama-cpp-python loads (LLAMA_CPP_LIB_PATH), so both share one
+    # copy of the library and its state.
+    lib = ffi.dlopen(str(library_file("llama")))
     return ffi, lib
 
 
@@ -52,16 +54,11 @@ def _str(ptr) -> str:  # noqa: ANN001
 
 
 def version() -> str:
-    """Version of libedgemerge."""
+    """edgemerge's version as compiled into the patched libllama."""
     return _str(lib().edgemerge_version())
-
-
-def llama_version() -> str:
-    """Version string compiled into the patched libllama (``llama_edgemerge_version``)."""
-    return _str(lib().edgemerge_llama_version())
 
 
 def check(status: int) -> None:
     """Raise :class:`NativeError` with the library's message if ``status`` is an error."""
     if status < 0:
-        raise NativeError(_str(lib().edgemerge_last_error()) or f"libedgemerge error {status}")
+        raise NativeError(_str(lib().edgemerge_last_error()) or f"edgemerge native error {status}")

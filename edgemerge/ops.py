@@ -1,6 +1,6 @@
 """Native ggml ops of the patch series, run in isolation on a named backend.
 
-These wrap libedgemerge's validating C entry points (native/include/edgemerge.h)
+These wrap edgemerge's validating C entry points (native/include/edgemerge.h)
 so that each native kernel can be compared with its numba reference in
 :mod:`edgemerge.reference`, backend by backend ("CPU", "CUDA0", ...).
 """
@@ -12,8 +12,9 @@ import numpy as np
 from edgemerge import native
 from edgemerge.reference.ggml_quants import QType, ggml_type, row_bytes
 
-MERGE_MAGNITUDE = 1
-MERGE_SLERP = 2
+# enum edgemerge_merge_flags of edgemerge.h
+MERGE_MAGNITUDE = native.lib().EDGEMERGE_MERGE_MAGNITUDE
+MERGE_SLERP = native.lib().EDGEMERGE_MERGE_SLERP
 
 
 def merge_rows(

@@ -1,4 +1,4 @@
-"""Per-cell bias and span of the patched KV cache (native/patches/0002, edgemerge.kvcells).
+"""Per-cell bias and span of the patched KV cache (native/patches/0002-0004, edgemerge.kvcells).
 
 The contexts here are built with llama-cpp-python's low-level API, so that tests
 control sequences, positions and cells exactly; ``kvcells`` takes the raw context
@@ -26,7 +26,7 @@ PROMPT = [1000, 1234, 2000, 777, 3001, 4321, 555, 6000, 999, 1500]
 QUERY = [2500, 3500]
 LONG_PROMPT = [int(t) for t in np.random.default_rng(7).integers(1000, 5000, size=44)]
 TWIN_POS = 2
-# "EGM1", the tag of the merge section that 0002 adds to a stream block of a saved state.
+# "EGM1", the tag of the merge section that patch 0004 adds to a stream block of a saved state.
 MERGE_TAG = b"EGM1"
 
 
@@ -257,7 +257,7 @@ def _metadata(cells: kvcells.KVCells) -> list[tuple[int, int, int, float]]:
 
 
 def _strip_merge_section(state: bytes, n_cells: int) -> bytes:
-    """The same state as a writer without patch 0002 would have produced it."""
+    """The same state as a writer without patch 0004 would have produced it."""
     head = MERGE_TAG + struct.pack("<I", n_cells)
     at = state.find(head)
     assert at >= 0 and state.find(head, at + 1) == -1

@@ -1,7 +1,7 @@
 """Merging KV cells inside the patched llama.cpp cache, checked against the numba oracle.
 
 Each test runs a real (tiny, random-weight) model through the patched libllama,
-merges cells with ``llama_edgemerge_kv_merge`` and reads the cache back through
+merges cells with ``edgemerge_kv_merge`` and reads the cache back through
 the sequence state. Tolerances, as normalised mean squared error of the merged
 rows against the oracle requantized to the cache type (the native op and the
 oracle differ by float32 vs float64 accumulation, which can flip a rounding):

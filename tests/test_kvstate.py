@@ -360,12 +360,12 @@ def test_merge_section_is_validated_like_llama_cpp() -> None:
 
 
 def _merge_api() -> ctypes.CDLL | None:
-    """libllama's per-cell bias/span setter (native patch 0002), if this build has it."""
+    """libllama's per-cell bias/span setter (edgemerge.h, native patches 0002-0005), if any."""
     lib = llama_cpp.llama_cpp._lib
-    if not hasattr(lib, "llama_edgemerge_kv_cell_set"):
+    if not hasattr(lib, "edgemerge_kv_cell_set"):
         return None
-    lib.llama_edgemerge_kv_cell_set.restype = ctypes.c_int32
-    lib.llama_edgemerge_kv_cell_set.argtypes = [
+    lib.edgemerge_kv_cell_set.restype = ctypes.c_int32
+    lib.edgemerge_kv_cell_set.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int32,
         ctypes.c_uint32,
@@ -380,11 +380,11 @@ def test_llama_cpp_writes_and_reads_the_merge_section(model_path: Path, captured
     tokens, data = captured[("f16", "f16", False)]
     lib = _merge_api()
     if lib is None:
-        pytest.skip("this libllama predates native patch 0002 (per-cell bias and span)")
+        pytest.skip("this libllama lacks edgemerge's per-cell bias and span")
     llm = make_llm(model_path, "f16", "f16", False)
     llm.eval(tokens)
     # cell i holds position i in a fresh context
-    assert lib.llama_edgemerge_kv_cell_set(llm._ctx.ctx, 0, 5, 1.5, 4, 7) == 0
+    assert lib.edgemerge_kv_cell_set(llm._ctx.ctx, 0, 5, 1.5, 4, 7) == 0
     written = get_state(llm)
     stream = parse_seq_state(written).stream
     assert (stream.bias[5], *stream.spans[5]) == (1.5, 4, 7)

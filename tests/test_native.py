@@ -19,22 +19,34 @@ def test_patched_libllama_is_loaded_by_llama_cpp():
 
     import llama_cpp
 
-    # The symbol exists only in a libllama built with native/patches/0001.
-    fn = llama_cpp.llama_cpp._lib.llama_edgemerge_version
+    # The symbol exists only in a libllama built with edgemerge's native/src compiled in.
+    fn = llama_cpp.llama_cpp._lib.edgemerge_version
     fn.restype = ctypes.c_char_p
     assert fn().decode() == edgemerge.__version__
     assert Path(llama_cpp.llama_cpp._base_path).resolve() == LIB_DIR.resolve()
 
 
-def test_libedgemerge_links_the_patched_libllama():
+def test_bindings_load_the_patched_libllama():
     assert native.version() == edgemerge.__version__
-    assert native.llama_version() == edgemerge.__version__
     assert native.lib().edgemerge_last_error() is not None
+
+
+def test_constants_come_from_the_header():
+    from edgemerge import kvmerge, kvstate, ops
+    from edgemerge.reference import merge as reference_merge
+
+    lib = native.lib()
+    assert kvstate.MERGE_BIAS_MAX == lib.EDGEMERGE_BIAS_MAX == 65504
+    assert kvstate.MERGE_SECTION_TAG == lib.EDGEMERGE_STATE_TAG
+    assert kvstate.MERGE_SECTION_TAG.to_bytes(4, "little") == b"EGM1"
+    for module in (kvmerge, ops, reference_merge):
+        assert module.MERGE_MAGNITUDE == lib.EDGEMERGE_MERGE_MAGNITUDE
+        assert module.MERGE_SLERP == lib.EDGEMERGE_MERGE_SLERP
 
 
 def test_cdef_comes_from_the_header():
     cdef = native.cdef_from_header()
-    assert "edgemerge_llama_version" in cdef
+    assert "edgemerge_version" in cdef and "EDGEMERGE_BIAS_MAX" in cdef
     assert "#" not in cdef and "EDGEMERGE_API" not in cdef
 
 

@@ -47,11 +47,13 @@ from typing import Literal
 import numpy as np
 from numba import njit, prange
 
+from edgemerge import native
 from edgemerge.reference._checks import csr, float_array, positive_int
 
-#: Flag bits of the native op (``edgemerge_merge_flags`` / ``GGML_MERGE_ROWS_*``).
-MERGE_MAGNITUDE = 1
-MERGE_SLERP = 2
+#: Flag bits of the native op (``enum edgemerge_merge_flags`` in edgemerge.h, the values of
+#: ``GGML_MERGE_ROWS_*``): the oracle speaks the same flag word as the kernels.
+MERGE_MAGNITUDE = native.lib().EDGEMERGE_MERGE_MAGNITUDE
+MERGE_SLERP = native.lib().EDGEMERGE_MERGE_SLERP
 
 #: Below this ``sin(W)`` two directions count as (anti)parallel and SLERP falls back to lerp.
 SLERP_LINEAR_BELOW = 1e-6

@@ -1,13 +1,19 @@
 /*
- * edgemerge.h: the one flat C API of libedgemerge.
+ * edgemerge.h: edgemerge's flat C API.
  *
- * The Python bindings (edgemerge/native.py, cffi ABI mode) read their cdef
- * from the text between the CDEF markers below, so that block must stay
- * plain C declarations: no macros, no preprocessor lines, no inline code.
+ * Everything declared here is compiled from native/src into edgemerge's patched
+ * libllama (CMakeLists.txt), next to the llama.cpp code it reads, so a call crosses
+ * no further layer: the function that validates an argument is the one that knows
+ * why it is wrong and says so.
  *
- * Conventions: functions return 0 on success and a negative EDGEMERGE_E*
- * code on failure; edgemerge_last_error() then describes the failure for the
- * calling thread. No function aborts the process on bad input.
+ * The Python bindings (edgemerge/native.py, cffi ABI mode) read their cdef from the
+ * text between the CDEF markers below, so that block must stay plain C declarations:
+ * no macros, no preprocessor lines, no inline code. Constants the Python layer needs
+ * are enum members there, so that they are written once.
+ *
+ * Conventions: functions return 0 on success and a negative EDGEMERGE_E* code on
+ * failure; edgemerge_last_error() then describes the failure for the calling thread.
+ * No function aborts the process on bad input.
  */
 #ifndef EDGEMERGE_H
 #define EDGEMERGE_H
@@ -33,17 +39,25 @@ enum edgemerge_status {
     EDGEMERGE_EBACKEND = -4
 };
 
-/* Version of libedgemerge itself, e.g. "0.1.0". */
-EDGEMERGE_API const char * edgemerge_version(void);
+/* Limits and tags that the C code and the Python layer share. */
+enum edgemerge_limits {
+    /* Largest |bias| of a KV cell: under flash attention the KQ mask is f16, whose
+     * largest finite value is 65504 (an integer, so it can be an enum member). */
+    EDGEMERGE_BIAS_MAX = 65504,
+    /* Tag of the optional section of merged cells in a saved state's stream block:
+     * "EGM1" as little-endian bytes (native/src/kv_state.cpp, edgemerge/kvstate.py). */
+    EDGEMERGE_STATE_TAG = 0x314d4745
+};
 
-/* Version reported by the patched libllama this library is linked against
- * (llama_edgemerge_version() from native/patches/0001). */
-EDGEMERGE_API const char * edgemerge_llama_version(void);
+/* edgemerge's version, e.g. "0.1.0": its presence in libllama proves that the patched
+ * library, not a stock one, is the one loaded. */
+EDGEMERGE_API const char * edgemerge_version(void);
 
 /* Message for the last failed call on this thread ("" if none). */
 EDGEMERGE_API const char * edgemerge_last_error(void);
 
-/* Flags of edgemerge_merge_rows (same values as ggml's GGML_MERGE_ROWS_*). */
+/* Flags of edgemerge_merge_rows and edgemerge_kv_merge (the values of ggml's
+ * GGML_MERGE_ROWS_*, checked at compile time in native/src/merge_rows_api.c). */
 enum edgemerge_merge_flags {
     EDGEMERGE_MERGE_MAGNITUDE = 1, /* unit-direction mean times mean norm, per head */
     EDGEMERGE_MERGE_SLERP = 2      /* two-member groups: spherical interpolation */
@@ -76,7 +90,7 @@ EDGEMERGE_API int edgemerge_merge_rows_bench(const char * backend, int type, con
                                              int64_t n_group, int32_t n_head, int32_t flags,
                                              float * out, int32_t n_iter,
                                              double * seconds_per_iter);
-/* Per-cell metadata of the patched KV cache (native/patches/0002): every cell has an
+/* Per-cell metadata of the patched KV cache (native/patches/0002-0003): every cell has an
  * attention bias added to its KQ-mask entry (0 by default) and the span
  * [span_min, span_max] of positions it covers (default: its own position).
  * `ctx` is a `struct llama_context *` (llama-cpp-python: `Llama._ctx.ctx`). For models
@@ -94,7 +108,7 @@ EDGEMERGE_API int edgemerge_kv_cells_list(void * ctx, int32_t seq_id, int32_t ca
 /* Set the bias and span of cell `cell` of sequence seq_id (shared by every sequence
  * that holds the cell). Returns EDGEMERGE_OK, EDGEMERGE_ERANGE (cell index outside the
  * cache) or EDGEMERGE_EINVAL (unknown sequence, cell not in the sequence, bias not
- * finite or beyond +-65504, span not 0 <= span_min <= pos <= span_max); on error
+ * finite or beyond +-EDGEMERGE_BIAS_MAX, span not 0 <= span_min <= pos <= span_max); on error
  * nothing changes. */
 EDGEMERGE_API int edgemerge_kv_cell_set(void * ctx, int32_t seq_id, uint32_t cell, float bias,
                                         int32_t span_min, int32_t span_max);
@@ -107,7 +121,7 @@ EDGEMERGE_API int edgemerge_kv_shape(void * ctx, int32_t * n_layer, int32_t * n_
                                      int32_t layer_ids_capacity);
 
 /* Planning features of n_cells cells of seq_id (cells in position order), computed on the
- * cache's backend (native/patches/0004):
+ * cache's backend (native/src/kv_merge.cpp):
  *   k_sim  float[n_layer][n_head_kv][n_cells-1]  cosine of adjacent keys, centred on the
  *                                                cells' mean key when centre != 0
  *   k_norm, v_norm float[n_layer][n_head_kv][n_cells]
@@ -133,7 +147,7 @@ EDGEMERGE_API int edgemerge_kv_merge(void * ctx, int32_t seq_id, int32_t n_group
                                      int32_t flags_v);
 
 /* Capture of post-RoPE queries while the context decodes (recall). While armed, the
- * context's graph evaluation callback (native/patches/0005) copies the query of every
+ * context's graph evaluation callback (native/src/query_capture.c) copies the query of every
  * layer ("Qcur-<il>" after RoPE, f32 [head_dim, n_head, n_tokens]) into a per-layer ring
  * of the last `window` tokens; nothing else leaves the backend. One capture per context;
  * arm it only around the decodes whose queries are wanted, and free it before the

@@ -1,7 +1,12 @@
-/* libedgemerge: version and error plumbing shared by every entry point. */
+/* edgemerge's version and the error plumbing shared by every entry point.
+ *
+ * One convention for all of native/src: a function returns an EDGEMERGE_E* code, and
+ * the code that detected the problem records the message through edgemerge_fail(),
+ * naming the offending value and what would be valid. The message is per thread, so
+ * concurrent callers never read each other's errors.
+ */
 #include "edgemerge.h"
 #include "edgemerge_internal.h"
-#include "llama.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -14,10 +19,6 @@ static _Thread_local char edgemerge_error_buf[512];
 
 const char * edgemerge_version(void) {
     return EDGEMERGE_VERSION;
-}
-
-const char * edgemerge_llama_version(void) {
-    return llama_edgemerge_version();
 }
 
 const char * edgemerge_last_error(void) {

@@ -1,4 +1,4 @@
-// CPU forward of GGML_OP_MERGE_ROWS (declared by native/patches/0002-ggml-merge-rows-op.patch).
+// CPU forward of GGML_OP_MERGE_ROWS (declared by native/patches/0001-ggml-merge-rows-op.patch).
 //
 // Compiled into llama.cpp's ggml-cpu target by edgemerge's CMakeLists, so the
 // kernel stays in our tree while the patch only wires the op into ggml.

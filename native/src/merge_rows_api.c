@@ -16,6 +16,12 @@
 #include <math.h>
 #include <string.h>
 
+/* edgemerge.h states the flags for C and Python; ggml's op defines them for the kernels. */
+_Static_assert((int) EDGEMERGE_MERGE_MAGNITUDE == (int) GGML_MERGE_ROWS_MAGNITUDE,
+               "EDGEMERGE_MERGE_MAGNITUDE must equal GGML_MERGE_ROWS_MAGNITUDE");
+_Static_assert((int) EDGEMERGE_MERGE_SLERP == (int) GGML_MERGE_ROWS_SLERP,
+               "EDGEMERGE_MERGE_SLERP must equal GGML_MERGE_ROWS_SLERP");
+
 static int merge_rows_type_ok(int type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 ||
            type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_0;

@@ -2,10 +2,10 @@
  *
  * The model graphs name the query of layer il "Qcur-<il>" on several nodes (projection,
  * bias, reshape, RoPE); the RoPE node is the post-RoPE query, f32
- * [head_dim, n_head, n_tokens]. While armed, the graph evaluation callback (installed
- * through llama_edgemerge_set_eval_callback, native/patches/0005) asks only for those
- * nodes and copies the last tokens of each into a per-layer ring of `window` tokens, so
- * after a turn the ring holds the queries of its last `window` tokens whatever the
+ * [head_dim, n_head, n_tokens]. While armed, the graph evaluation callback (installed on
+ * the live context by edgemerge_set_eval_callback, native/src/llama_access.cpp) asks only
+ * for those nodes and copies the last tokens of each into a per-layer ring of `window`
+ * tokens, so after a turn the ring holds the queries of its last `window` tokens whatever the
  * ubatch split. Only the queries are read off the backend; the cache never moves.
  */
 #include <stdio.h>
@@ -121,9 +121,9 @@ int edgemerge_qcapture_arm(edgemerge_qcapture * qc, int32_t on) {
     if (on) {
         memset(qc->seen, 0, (size_t) qc->n_layer * sizeof(int64_t));
         qc->problem[0] = '\0';
-        llama_edgemerge_set_eval_callback(qc->ctx, capture_cb, qc);
+        edgemerge_set_eval_callback(qc->ctx, capture_cb, qc);
     } else {
-        llama_edgemerge_set_eval_callback(qc->ctx, NULL, NULL);
+        edgemerge_set_eval_callback(qc->ctx, NULL, NULL);
     }
     qc->armed = on != 0;
     edgemerge_clear_error();
@@ -159,7 +159,7 @@ void edgemerge_qcapture_free(edgemerge_qcapture * qc) {
         return;
     }
     if (qc->armed) {
-        llama_edgemerge_set_eval_callback(qc->ctx, NULL, NULL);
+        edgemerge_set_eval_callback(qc->ctx, NULL, NULL);
     }
     free(qc->seen);
     free(qc->ring);

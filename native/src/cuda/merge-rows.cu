@@ -1,4 +1,4 @@
-// CUDA forward of GGML_OP_MERGE_ROWS (native/patches/0002-ggml-merge-rows-op.patch wires it in).
+// CUDA forward of GGML_OP_MERGE_ROWS (native/patches/0001-ggml-merge-rows-op.patch wires it in).
 //
 // Compiled into llama.cpp's ggml-cuda target by edgemerge's CMakeLists. Same
 // semantics as the CPU kernel (native/src/ggml-merge-rows-cpu.cpp) and the numba

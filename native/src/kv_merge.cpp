@@ -1,27 +1,28 @@
-// In-cache KV merging for llama.cpp: planning features and the merge call.
+// In-cache KV merging: the cache's shape, planning features and the merge call.
 //
-// Compiled into llama.cpp's `llama` target by edgemerge's CMakeLists; the patch
-// native/patches/0004-kv-merge-call.patch only declares these members and the C
-// entry points in llama.h. Both calls build a small ggml graph over the cache's
-// own tensors and run it through the context's scheduler, as llama.cpp's K-shift
-// does, so the cache never travels through the host and backends without an op
-// fall back through ggml's scheduler.
+// Compiled into llama.cpp's `llama` target by edgemerge's CMakeLists and reaching the
+// cache through edgemerge_access (llama_access.h). Both graph calls build a small ggml
+// graph over the cache's own tensors and run it through the context's scheduler, as
+// llama.cpp's K-shift does, so the cache never travels through the host and backends
+// without an op fall back through ggml's scheduler.
 
-#include "llama-context.h"
+#include "edgemerge.h"
+#include "edgemerge_internal.h"
+#include "llama_access.h"
+
 #include "llama-graph.h"
-#include "llama-impl.h"
-#include "llama-kv-cache.h"
-
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstdio>
+#include <cstdint>
 #include <cstdlib>
-#include <string>
 #include <vector>
 
-struct llama_kv_cache::edgemerge_merge_args {
+namespace {
+
+struct merge_args {
     llama_seq_id       seq_id;
     int32_t            n_group;
     const uint32_t   * dst;
@@ -35,7 +36,7 @@ struct llama_kv_cache::edgemerge_merge_args {
     int32_t            flags_v;
 };
 
-struct llama_kv_cache::edgemerge_feature_args {
+struct feature_args {
     llama_seq_id       seq_id;
     int32_t            n_cells;
     const uint32_t   * cells;
@@ -45,19 +46,7 @@ struct llama_kv_cache::edgemerge_feature_args {
     float            * v_norm;
 };
 
-namespace {
-
-// the f16 KQ mask bounds the bias (see LLAMA_EDGEMERGE_KV_ERR_BIAS)
-constexpr float kBiasMax = 65504.0f;
 constexpr float kNormEps = 1e-12f;
-
-template <typename... Args>
-int32_t fail(std::string & err, int32_t code, const char * fmt, Args... args) {
-    char buf[384];
-    snprintf(buf, sizeof(buf), fmt, args...);
-    err = buf;
-    return code;
-}
 
 // A view of a K or V cache tensor of one stream as rows of one element each,
 // the layout llama.cpp itself uses to write a transposed V cache.
@@ -91,13 +80,19 @@ bool merge_in_place(const ggml_tensor * cache, int64_t n_embd, int32_t n_head) {
     return ok;
 }
 
-}  // namespace
+// Per-layer sizes of a cache whose layers all share head count and head sizes (the only
+// kind merging supports).
+struct kv_dims {
+    int32_t n_layer = 0, n_head = 0, hd_k = 0, hd_v = 0;
+};
 
-int32_t llama_kv_cache::edgemerge_shape(int32_t * n_layer, int32_t * n_head_kv, int32_t * head_dim_k,
-                                        int32_t * head_dim_v, int32_t * n_cells, int32_t * layer_ids,
-                                        int32_t layer_ids_capacity) const {
+enum class shape_rc { ok, empty, layout };
+
+shape_rc shape_of(const llama_kv_cache & kv, kv_dims & d) {
+    const auto & layers  = edgemerge_access::layers(kv);
+    const auto & hparams = edgemerge_access::hparams(kv);
     if (layers.empty()) {
-        return LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+        return shape_rc::empty;
     }
     const uint32_t il0 = layers[0].il;
     for (const auto & layer : layers) {
@@ -105,66 +100,72 @@ int32_t llama_kv_cache::edgemerge_shape(int32_t * n_layer, int32_t * n_head_kv, 
             hparams.n_embd_k_gqa(layer.il) != hparams.n_embd_k_gqa(il0) ||
             hparams.n_embd_v_gqa(layer.il) != hparams.n_embd_v_gqa(il0) || layer.v == nullptr ||
             layer.v->ne[0] != (int64_t) hparams.n_embd_v_gqa(layer.il)) {
-            return LLAMA_EDGEMERGE_KV_ERR_LAYOUT;
+            return shape_rc::layout;
         }
     }
-    const int32_t nh = (int32_t) hparams.n_head_kv(il0);
-    if (n_layer)    { *n_layer    = (int32_t) layers.size(); }
-    if (n_head_kv)  { *n_head_kv  = nh; }
-    if (head_dim_k) { *head_dim_k = (int32_t) hparams.n_embd_k_gqa(il0) / nh; }
-    if (head_dim_v) { *head_dim_v = (int32_t) hparams.n_embd_v_gqa(il0) / nh; }
-    if (n_cells)    { *n_cells    = (int32_t) get_size(); }
-    for (int32_t i = 0; layer_ids && i < layer_ids_capacity && i < (int32_t) layers.size(); ++i) {
-        layer_ids[i] = (int32_t) layers[i].il;
-    }
-    return 0;
+    d.n_layer = (int32_t) layers.size();
+    d.n_head  = (int32_t) hparams.n_head_kv(il0);
+    d.hd_k    = (int32_t) hparams.n_embd_k_gqa(il0) / d.n_head;
+    d.hd_v    = (int32_t) hparams.n_embd_v_gqa(il0) / d.n_head;
+    return shape_rc::ok;
 }
 
-// Per-layer views used by both graphs: K rows of the stream, V as rows (or as
-// single elements when V is transposed), and the row index of a cell.
-struct edgemerge_stream_view {
+// Row index of a cell of one stream in the per-layer tensors viewed as [n_embd, n_stream * kv_size].
+struct stream_view {
     int64_t kv_size;
     int64_t stream;
     int64_t row(uint32_t cell) const { return stream * kv_size + cell; }
 };
 
-int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge_feature_args & a,
-                                           std::string & err) const {
-    int32_t n_layer = 0, n_head = 0, hd_k = 0, hd_v = 0;
-    if (edgemerge_shape(&n_layer, &n_head, &hd_k, &hd_v, nullptr, nullptr, 0) != 0) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_LAYOUT,
-                    "features: the cache layers differ in head count or size; not supported");
-    }
-    if (a.seq_id < 0 || (uint32_t) a.seq_id >= n_seq_max) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_SEQ, "features: seq_id %d is not in [0, %u)", a.seq_id,
-                    n_seq_max);
-    }
-    if (a.n_cells < 2 || a.cells == nullptr) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_ARG, "features: need at least 2 cells, got %d", a.n_cells);
-    }
-    const auto & cells = v_cells[seq_to_stream[a.seq_id]];
-    for (int32_t i = 0; i < a.n_cells; ++i) {
-        const uint32_t c = a.cells[i];
-        if (c >= cells.size()) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_CELL, "features: cell %u is outside the cache (%u cells)", c,
-                        cells.size());
-        }
-        if (cells.is_empty(c) || !cells.seq_has(c, a.seq_id)) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_NOT_IN_SEQ, "features: cell %u is not in sequence %d", c,
-                        a.seq_id);
-        }
-    }
+// Starts a graph of our own on the context's scheduler, as the K-shift does: the
+// context's reserve result is reused, and graph reuse of the next decode is dropped.
+struct own_graph {
+    ggml_backend_sched_t sched;
+    ggml_context * ctx;
+    ggml_cgraph  * gf;
+};
 
+own_graph begin_graph(llama_context * lctx) {
     llama_synchronize(lctx);
-    lctx->edgemerge_drop_graph_reuse();
+    edgemerge_access::drop_graph_reuse(*lctx);
     auto * sched = lctx->get_sched();
     ggml_backend_sched_reset(sched);
     auto * res = lctx->get_gf_res_reserve();
     res->reset();
-    ggml_context * ctx = res->get_ctx();
-    ggml_cgraph  * gf  = res->get_gf();
+    return { sched, res->get_ctx(), res->get_gf() };
+}
 
-    const edgemerge_stream_view sv{ (int64_t) get_size(), (int64_t) seq_to_stream[a.seq_id] };
+int features(llama_context * lctx, const llama_kv_cache & kv, const feature_args & a) {
+    kv_dims d;
+    if (shape_of(kv, d) != shape_rc::ok) {
+        return edgemerge_fail(EDGEMERGE_EINVAL,
+                              "kv_features: the cache layers differ in head count or size; not supported");
+    }
+    if (!edgemerge_access::has_seq(kv, a.seq_id)) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_features: seq_id %d is not in [0, %u)", a.seq_id,
+                              edgemerge_access::n_seq_max(kv));
+    }
+    if (a.n_cells < 2 || a.cells == nullptr) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_features: need at least 2 cells, got %d", a.n_cells);
+    }
+    const auto & cells = edgemerge_access::cells(kv, a.seq_id);
+    for (int32_t i = 0; i < a.n_cells; ++i) {
+        const uint32_t c = a.cells[i];
+        if (c >= cells.size()) {
+            return edgemerge_fail(EDGEMERGE_ERANGE, "kv_features: cell %u is outside the cache (%u cells)", c,
+                                  cells.size());
+        }
+        if (cells.is_empty(c) || !cells.seq_has(c, a.seq_id)) {
+            return edgemerge_fail(EDGEMERGE_EINVAL, "kv_features: cell %u is not in sequence %d", c, a.seq_id);
+        }
+    }
+
+    const own_graph og = begin_graph(lctx);
+    ggml_context * ctx = og.ctx;
+    const bool v_trans = edgemerge_access::v_trans(kv);
+    const int32_t n_head = d.n_head, hd_k = d.hd_k, hd_v = d.hd_v;
+
+    const stream_view sv{ (int64_t) kv.get_size(), (int64_t) edgemerge_access::stream(kv, a.seq_id) };
     const int64_t n = a.n_cells;
     const int64_t n_embd_v = (int64_t) hd_v * n_head;
 
@@ -179,7 +180,7 @@ int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge
     struct outputs { ggml_tensor * sim; ggml_tensor * kn; ggml_tensor * vn; };
     std::vector<outputs> outs;
 
-    for (const auto & layer : layers) {
+    for (const auto & layer : edgemerge_access::layers(kv)) {
         ggml_tensor * k2d = ggml_reshape_2d(ctx, layer.k, layer.k->ne[0], layer.k->ne[1] * layer.k->ne[2]);
         ggml_tensor * k = ggml_get_rows(ctx, k2d, idx);                        // f32 [n_embd_k, n]
         k = ggml_reshape_3d(ctx, k, hd_k, n_head, n);
@@ -212,13 +213,13 @@ int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge
         for (ggml_tensor ** t : { &o.sim, &o.kn, &o.vn }) {
             *t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, *t, n_head, (*t)->ne[2])));
             ggml_set_output(*t);
-            ggml_build_forward_expand(gf, *t);
+            ggml_build_forward_expand(og.gf, *t);
         }
         outs.push_back(o);
     }
 
-    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "features: could not allocate the graph");
+    if (!ggml_backend_sched_alloc_graph(og.sched, og.gf)) {
+        return edgemerge_fail(EDGEMERGE_EBACKEND, "kv_features: could not allocate the graph");
     }
     std::vector<int32_t> rows(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -235,10 +236,10 @@ int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge
         }
         ggml_backend_tensor_set(vidx, vr.data(), 0, ggml_nbytes(vidx));
     }
-    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "features: graph compute failed");
+    if (lctx->graph_compute(og.gf, false) != GGML_STATUS_SUCCESS) {
+        return edgemerge_fail(EDGEMERGE_EBACKEND, "kv_features: graph compute failed");
     }
-    ggml_backend_sched_synchronize(sched);
+    ggml_backend_sched_synchronize(og.sched);
 
     const size_t per_sim = (size_t) n_head * (n - 1), per_norm = (size_t) n_head * n;
     for (size_t il = 0; il < outs.size(); ++il) {
@@ -246,52 +247,48 @@ int32_t llama_kv_cache::edgemerge_features(llama_context * lctx, const edgemerge
         if (a.k_norm) { ggml_backend_tensor_get(outs[il].kn,  a.k_norm + il * per_norm, 0, per_norm * sizeof(float)); }
         if (a.v_norm) { ggml_backend_tensor_get(outs[il].vn,  a.v_norm + il * per_norm, 0, per_norm * sizeof(float)); }
     }
-    err.clear();
-    return 0;
+    return EDGEMERGE_OK;
 }
 
-int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_merge_args & a, std::string & err) {
-    int32_t n_layer = 0, n_head = 0, hd_k = 0, hd_v = 0;
-    if (edgemerge_shape(&n_layer, &n_head, &hd_k, &hd_v, nullptr, nullptr, 0) != 0) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_LAYOUT,
-                    "merge: the cache layers differ in head count or size; not supported");
-    }
-    if (a.seq_id < 0 || (uint32_t) a.seq_id >= n_seq_max) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_SEQ, "merge: seq_id %d is not in [0, %u)", a.seq_id, n_seq_max);
+// Checks every group before anything changes, so an error leaves the cache as it was.
+int validate_groups(const llama_kv_cache & kv, const merge_args & a, const kv_dims & d) {
+    if (!edgemerge_access::has_seq(kv, a.seq_id)) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: seq_id %d is not in [0, %u)", a.seq_id,
+                              edgemerge_access::n_seq_max(kv));
     }
     if (a.n_group <= 0 || !a.dst || !a.offs || !a.src || !a.bias || !a.span) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_ARG,
-                    "merge: need n_group > 0 (got %d) and non-NULL dst, offs, src, bias and span", a.n_group);
+        return edgemerge_fail(EDGEMERGE_EINVAL,
+                              "kv_merge: need n_group > 0 (got %d) and non-NULL dst, offs, src, bias and span",
+                              a.n_group);
     }
     if (a.offs[0] != 0) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: offs[0] must be 0, got %d", a.offs[0]);
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: offs[0] must be 0, got %d", a.offs[0]);
     }
-    auto & cells = v_cells[seq_to_stream[a.seq_id]];
+    const auto & cells = edgemerge_access::cells(kv, a.seq_id);
     const int32_t n_src = a.offs[a.n_group];
     std::vector<uint8_t> seen(cells.size(), 0);
     for (int32_t g = 0; g < a.n_group; ++g) {
         if (a.offs[g + 1] <= a.offs[g]) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: group %d is empty", g);
+            return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: group %d is empty", g);
         }
         bool has_dst = false;
         llama_pos lo = 0, hi = 0;
         for (int32_t j = a.offs[g]; j < a.offs[g + 1]; ++j) {
             const uint32_t c = a.src[j];
             if (c >= cells.size()) {
-                return fail(err, LLAMA_EDGEMERGE_KV_ERR_CELL, "merge: group %d: cell %u is outside the cache (%u cells)",
-                            g, c, cells.size());
+                return edgemerge_fail(EDGEMERGE_ERANGE, "kv_merge: group %d: cell %u is outside the cache (%u cells)",
+                                      g, c, cells.size());
             }
             if (cells.is_empty(c) || !cells.seq_has(c, a.seq_id)) {
-                return fail(err, LLAMA_EDGEMERGE_KV_ERR_NOT_IN_SEQ, "merge: group %d: cell %u is not in sequence %d",
-                            g, c, a.seq_id);
+                return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: group %d: cell %u is not in sequence %d", g, c,
+                                      a.seq_id);
             }
             if (cells.seq_count(c) != 1) {
-                return fail(err, LLAMA_EDGEMERGE_KV_ERR_SHARED,
-                            "merge: group %d: cell %u is shared with another sequence", g, c);
+                return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: group %d: cell %u is shared with another sequence",
+                                      g, c);
             }
             if (seen[c]) {
-                return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: cell %u appears in more than one group member",
-                            c);
+                return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: cell %u appears in more than one group member", c);
             }
             seen[c] = 1;
             has_dst = has_dst || c == a.dst[g];
@@ -301,38 +298,51 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
             hi = j == a.offs[g] ? p + m.span_hi : std::max(hi, p + m.span_hi);
         }
         if (!has_dst) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_GROUP, "merge: group %d: destination cell %u is not a member", g,
-                        a.dst[g]);
+            return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: group %d: destination cell %u is not a member", g,
+                                  a.dst[g]);
         }
-        if (!std::isfinite(a.bias[g]) || std::fabs(a.bias[g]) > kBiasMax) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_BIAS, "merge: group %d: bias %g is not finite or beyond 65504",
-                        g, (double) a.bias[g]);
+        if (!std::isfinite(a.bias[g]) || std::fabs(a.bias[g]) > (float) EDGEMERGE_BIAS_MAX) {
+            return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: group %d: bias %g is not finite or beyond %d", g,
+                                  (double) a.bias[g], (int) EDGEMERGE_BIAS_MAX);
         }
         if (a.span[2 * g] > lo || a.span[2 * g + 1] < hi) {
-            return fail(err, LLAMA_EDGEMERGE_KV_ERR_SPAN,
-                        "merge: group %d: span [%d, %d] must contain the members' positions [%d, %d]", g,
-                        a.span[2 * g], a.span[2 * g + 1], lo, hi);
+            return edgemerge_fail(EDGEMERGE_EINVAL,
+                                  "kv_merge: group %d: span [%d, %d] must contain the members' positions [%d, %d]",
+                                  g, a.span[2 * g], a.span[2 * g + 1], lo, hi);
         }
     }
     for (const float * w : { a.w_k, a.w_v }) {
-        for (int64_t i = 0; w && i < (int64_t) n_layer * n_src * n_head; ++i) {
+        for (int64_t i = 0; w && i < (int64_t) d.n_layer * n_src * d.n_head; ++i) {
             if (!std::isfinite(w[i])) {
-                return fail(err, LLAMA_EDGEMERGE_KV_ERR_WEIGHT, "merge: %s weight %lld is not finite",
-                            w == a.w_k ? "key" : "value", (long long) i);
+                return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: %s weight %lld is not finite",
+                                      w == a.w_k ? "key" : "value", (long long) i);
             }
         }
     }
+    return EDGEMERGE_OK;
+}
 
-    llama_synchronize(lctx);
-    lctx->edgemerge_drop_graph_reuse();
-    auto * sched = lctx->get_sched();
-    ggml_backend_sched_reset(sched);
-    auto * res = lctx->get_gf_res_reserve();
-    res->reset();
-    ggml_context * ctx = res->get_ctx();
-    ggml_cgraph  * gf  = res->get_gf();
+int merge(llama_context * lctx, llama_kv_cache & kv, const merge_args & a) {
+    kv_dims d;
+    if (shape_of(kv, d) != shape_rc::ok) {
+        return edgemerge_fail(EDGEMERGE_EINVAL,
+                              "kv_merge: the cache layers differ in head count or size; not supported");
+    }
+    const int rc = validate_groups(kv, a, d);
+    if (rc != EDGEMERGE_OK) {
+        return rc;
+    }
+    auto & cells = edgemerge_access::cells(kv, a.seq_id);
+    const auto & layers = edgemerge_access::layers(kv);
+    const bool v_trans = edgemerge_access::v_trans(kv);
+    const int32_t n_layer = d.n_layer, n_head = d.n_head, hd_k = d.hd_k, hd_v = d.hd_v;
+    const int32_t n_src = a.offs[a.n_group];
 
-    const edgemerge_stream_view sv{ (int64_t) get_size(), (int64_t) seq_to_stream[a.seq_id] };
+    const own_graph og = begin_graph(lctx);
+    ggml_context * ctx = og.ctx;
+    ggml_cgraph  * gf  = og.gf;
+
+    const stream_view sv{ (int64_t) kv.get_size(), (int64_t) edgemerge_access::stream(kv, a.seq_id) };
     const int64_t n_embd_v = (int64_t) hd_v * n_head;
 
     ggml_tensor * t_src  = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_src);
@@ -362,7 +372,7 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
     // In place: MERGE_ROWS reads the member rows straight from the cache. Gathered: get_rows
     // (which every backend has) pulls the members out first, so a backend without the op
     // hands the CPU only those f32 rows, not the whole cache.
-    auto merge = [&](ggml_tensor * rows2d, bool in_place, ggml_tensor * w, int32_t flags) {
+    auto merged = [&](ggml_tensor * rows2d, bool in_place, ggml_tensor * w, int32_t flags) {
         if (in_place) {
             return ggml_merge_rows(ctx, rows2d, t_src, w, t_offs, n_head, flags);
         }
@@ -375,7 +385,7 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
         ggml_tensor * wv = ggml_view_2d(ctx, t_wv, n_head, n_src, t_wv->nb[1], il * t_wv->nb[2]);
 
         ggml_tensor * k2d = ggml_reshape_2d(ctx, layer.k, layer.k->ne[0], layer.k->ne[1] * layer.k->ne[2]);
-        ggml_tensor * mk  = merge(k2d, k_in_place, wk, a.flags_k);
+        ggml_tensor * mk  = merged(k2d, k_in_place, wk, a.flags_k);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, k2d, mk, t_dst));
 
         if (v_trans) {
@@ -385,13 +395,13 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, vel, ggml_reshape_2d(ctx, mv, 1, a.n_group * n_embd_v), t_vdst));
         } else {
             ggml_tensor * v2d = ggml_reshape_2d(ctx, layer.v, layer.v->ne[0], layer.v->ne[1] * layer.v->ne[2]);
-            ggml_tensor * mv  = merge(v2d, v_in_place, wv, a.flags_v);
+            ggml_tensor * mv  = merged(v2d, v_in_place, wv, a.flags_v);
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, v2d, mv, t_dst));
         }
     }
 
-    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "merge: could not allocate the graph");
+    if (!ggml_backend_sched_alloc_graph(og.sched, gf)) {
+        return edgemerge_fail(EDGEMERGE_EBACKEND, "kv_merge: could not allocate the graph");
     }
 
     std::vector<int32_t> src_rows(n_src), dst_rows(a.n_group);
@@ -448,9 +458,9 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
     }
 
     if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-        return fail(err, LLAMA_EDGEMERGE_KV_ERR_COMPUTE, "merge: graph compute failed");
+        return edgemerge_fail(EDGEMERGE_EBACKEND, "kv_merge: graph compute failed");
     }
-    ggml_backend_sched_synchronize(sched);
+    ggml_backend_sched_synchronize(og.sched);
 
     // the merged rows are in place: free the other members, give the destination its bias and span
     for (int32_t g = 0; g < a.n_group; ++g) {
@@ -462,55 +472,71 @@ int32_t llama_kv_cache::edgemerge_merge(llama_context * lctx, const edgemerge_me
         const llama_pos p = cells.pos_get(a.dst[g]);
         cells.merge_set(a.dst[g], { a.bias[g], p - a.span[2 * g], a.span[2 * g + 1] - p });
     }
-    err.clear();
-    return 0;
+    return EDGEMERGE_OK;
 }
 
-static void copy_err(const std::string & msg, char * err, size_t err_size) {
-    if (err && err_size > 0) {
-        snprintf(err, err_size, "%s", msg.c_str());
-    }
-}
+}  // namespace
 
-int32_t llama_edgemerge_kv_shape(llama_context * ctx, int32_t * n_layer, int32_t * n_head_kv, int32_t * head_dim_k,
-                                 int32_t * head_dim_v, int32_t * n_cells, int32_t * layer_ids,
-                                 int32_t layer_ids_capacity) {
+int edgemerge_kv_shape(void * ctx, int32_t * n_layer, int32_t * n_head_kv, int32_t * head_dim_k,
+                       int32_t * head_dim_v, int32_t * n_cells, int32_t * layer_ids, int32_t layer_ids_capacity) {
     if (ctx == nullptr) {
-        return LLAMA_EDGEMERGE_KV_ERR_ARG;
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_shape: ctx is NULL; pass a live llama_context");
     }
-    const llama_kv_cache * kv = llama_edgemerge_kv(ctx);
-    if (kv == nullptr) {
-        return LLAMA_EDGEMERGE_KV_ERR_MEMORY;
+    const llama_kv_cache * kv = edgemerge_access::mergeable_cache(static_cast<llama_context *>(ctx));
+    kv_dims d;
+    const shape_rc rc = kv ? shape_of(*kv, d) : shape_rc::empty;
+    if (rc == shape_rc::layout) {
+        return edgemerge_fail(EDGEMERGE_EINVAL,
+                              "kv_shape: the cache layers differ in head count or head size; "
+                              "merging supports uniform layers only");
     }
-    return kv->edgemerge_shape(n_layer, n_head_kv, head_dim_k, head_dim_v, n_cells, layer_ids, layer_ids_capacity);
+    if (rc != shape_rc::ok) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_shape: this context's memory is not an attention KV cache");
+    }
+    if (n_layer)    { *n_layer    = d.n_layer; }
+    if (n_head_kv)  { *n_head_kv  = d.n_head; }
+    if (head_dim_k) { *head_dim_k = d.hd_k; }
+    if (head_dim_v) { *head_dim_v = d.hd_v; }
+    if (n_cells)    { *n_cells    = (int32_t) kv->get_size(); }
+    const auto & layers = edgemerge_access::layers(*kv);
+    for (int32_t i = 0; layer_ids && i < layer_ids_capacity && i < (int32_t) layers.size(); ++i) {
+        layer_ids[i] = (int32_t) layers[i].il;
+    }
+    edgemerge_clear_error();
+    return EDGEMERGE_OK;
 }
 
-int32_t llama_edgemerge_kv_features(llama_context * ctx, llama_seq_id seq_id, int32_t n_cells, const uint32_t * cells,
-                                    bool centre, float * k_sim, float * k_norm, float * v_norm, char * err,
-                                    size_t err_size) {
-    std::string msg = "features: ctx is NULL or its memory is not a KV cache";
-    int32_t rc = LLAMA_EDGEMERGE_KV_ERR_MEMORY;
-    const llama_kv_cache * kv = ctx ? llama_edgemerge_kv(ctx) : nullptr;
-    if (kv) {
-        const llama_kv_cache::edgemerge_feature_args args{ seq_id, n_cells, cells, centre, k_sim, k_norm, v_norm };
-        rc = kv->edgemerge_features(ctx, args, msg);
+int edgemerge_kv_features(void * ctx, int32_t seq_id, int32_t n_cells, const uint32_t * cells, int32_t centre,
+                          float * k_sim, float * k_norm, float * v_norm) {
+    if (ctx == nullptr) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_features: ctx is NULL; pass a live llama_context");
     }
-    copy_err(msg, err, err_size);
+    auto * lctx = static_cast<llama_context *>(ctx);
+    const llama_kv_cache * kv = edgemerge_access::mergeable_cache(lctx);
+    if (kv == nullptr) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_features: this context's memory is not an attention KV cache");
+    }
+    const int rc = features(lctx, *kv, { seq_id, n_cells, cells, centre != 0, k_sim, k_norm, v_norm });
+    if (rc == EDGEMERGE_OK) {
+        edgemerge_clear_error();
+    }
     return rc;
 }
 
-int32_t llama_edgemerge_kv_merge(llama_context * ctx, llama_seq_id seq_id, int32_t n_group, const uint32_t * dst,
-                                 const int32_t * offs, const uint32_t * src, const float * w_k, const float * w_v,
-                                 const float * bias, const llama_pos * span, int32_t flags_k, int32_t flags_v,
-                                 char * err, size_t err_size) {
-    std::string msg = "merge: ctx is NULL or its memory is not a KV cache";
-    int32_t rc = LLAMA_EDGEMERGE_KV_ERR_MEMORY;
-    llama_kv_cache * kv = ctx ? llama_edgemerge_kv(ctx) : nullptr;
-    if (kv) {
-        const llama_kv_cache::edgemerge_merge_args args{ seq_id, n_group, dst, offs, src, w_k, w_v, bias, span,
-                                                         flags_k, flags_v };
-        rc = kv->edgemerge_merge(ctx, args, msg);
+int edgemerge_kv_merge(void * ctx, int32_t seq_id, int32_t n_group, const uint32_t * dst, const int32_t * offs,
+                       const uint32_t * src, const float * w_k, const float * w_v, const float * bias,
+                       const int32_t * span, int32_t flags_k, int32_t flags_v) {
+    if (ctx == nullptr) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: ctx is NULL; pass a live llama_context");
     }
-    copy_err(msg, err, err_size);
+    auto * lctx = static_cast<llama_context *>(ctx);
+    llama_kv_cache * kv = edgemerge_access::mergeable_cache(lctx);
+    if (kv == nullptr) {
+        return edgemerge_fail(EDGEMERGE_EINVAL, "kv_merge: this context's memory is not an attention KV cache");
+    }
+    const int rc = merge(lctx, *kv, { seq_id, n_group, dst, offs, src, w_k, w_v, bias, span, flags_k, flags_v });
+    if (rc == EDGEMERGE_OK) {
+        edgemerge_clear_error();
+    }
     return rc;
 }
