@@ -27,9 +27,9 @@ from edgemerge.chat import (
     run_chat,
     save_history,
 )
-from tests_support import package_env
+from tests_support import english_text, package_env
 
-WORDS = open("/usr/share/common-licenses/GPL-3").read().split()
+WORDS = english_text().split()
 LONG = " ".join(WORDS[:120])  # about 150 tokens: a few of these outgrow a 256-cell cache
 N_CTX = 256
 SETTINGS = MergeSettings(budget=208, recent=32, sinks=4, block_size=8, slack=16)
