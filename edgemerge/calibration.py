@@ -273,8 +273,14 @@ def read_calibration(path: str | Path) -> Calibration | None:
 
 
 def default_text() -> tuple[str, str]:
-    """Calibration text that ships with the system: (text, where it came from)."""
-    sources = [Path("/usr/share/common-licenses/GPL-3"), Path(os.__file__)]
+    """Calibration text that ships with the system: (text, where it came from).
+
+    The GPL-3 licence (prose; its folder follows ``EDGEMERGE_LICENSES_DIR``), else the
+    source of Python's ``os`` module, which every CPython has.
+    """
+    from edgemerge.evaluation.texts import licence
+
+    sources = [licence("GPL-3").path, Path(os.__file__)]
     for src in sources:
         if src.is_file():
             return src.read_text(errors="replace"), str(src)

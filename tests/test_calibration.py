@@ -13,9 +13,9 @@ import pytest
 from edgemerge import Llama, MergeSettings, calibration, kvcells
 from edgemerge.calibration import CalibrationError, layer_thresholds, read_calibration
 from edgemerge.gguf_meta import read_header
-from tests_support import package_env
+from tests_support import english_text, licence_text, package_env
 
-TEXT = open("/usr/share/common-licenses/GPL-3", "rb").read()
+TEXT = english_text().encode()  # real prose, present on every machine
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def calibrated(tiny_qwen2_path, tmp_path_factory):
 
     vocab = llama_cpp.Llama(str(tiny_qwen2_path), vocab_only=True, verbose=False)
     tokens = vocab.tokenize(TEXT)[:400]
-    cal = calibration.calibrate(tiny_qwen2_path, tokens, budget=0.4, text="GPL-3")
+    cal = calibration.calibrate(tiny_qwen2_path, tokens, budget=0.4, text="stdlib docstrings")
     out = tmp_path_factory.mktemp("cal") / "calibrated.gguf"
     return calibration.write_calibrated(tiny_qwen2_path, out, cal), cal
 
@@ -48,7 +48,7 @@ def test_round_trip_through_the_gguf(calibrated, tiny_qwen2_path):
     back = read_calibration(path)
     np.testing.assert_array_equal(back.thresholds, cal.thresholds)
     assert back.budget == pytest.approx(0.4)
-    assert back.n_tokens == 400 and back.text == "GPL-3"
+    assert back.n_tokens == 400 and back.text == "stdlib docstrings"
     assert back.settings.threshold == "calibrated"
     assert back.settings == cal.settings
     np.testing.assert_array_equal(back.head_mean, cal.head_mean)
@@ -180,7 +180,8 @@ def test_real_gemma_thresholds_hold_on_other_text(tmp_path):
 
     path = _real_model("gemma-3-270m")
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    cal_tokens = vocab.tokenize(TEXT, add_bos=False)[:1024]
+    # calibrated on licence prose, held out on code: the thresholds must carry over
+    cal_tokens = vocab.tokenize(licence_text("GPL-3").encode(), add_bos=False)[:1024]
     other = open(inspect.getsourcefile(inspect), "rb").read()
     held_out = vocab.tokenize(other, add_bos=False)[:1024]
     cal = calibration.calibrate(path, cal_tokens, budget=0.5, text="GPL-3")

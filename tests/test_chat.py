@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from edgemerge import Llama, MergeSettings, kvcells
+from edgemerge import Llama, MergeSettings, kvcells, models
 from edgemerge.chat import (
     ChatFileError,
     ChatSession,
@@ -27,9 +27,10 @@ from edgemerge.chat import (
     run_chat,
     save_history,
 )
-from tests_support import package_env
+from edgemerge.tiny_models import write_tiny_model
+from tests_support import english_text, package_env
 
-WORDS = open("/usr/share/common-licenses/GPL-3").read().split()
+WORDS = english_text().split()
 LONG = " ".join(WORDS[:120])  # about 150 tokens: a few of these outgrow a 256-cell cache
 N_CTX = 256
 SETTINGS = MergeSettings(budget=208, recent=32, sinks=4, block_size=8, slack=16)
@@ -171,6 +172,73 @@ def test_slash_commands_budget_save_reset_load(tiny_qwen2_path, tmp_path):
     assert "(budget is 120)" in out.stdout and "(/save needs a file: /save FILE)" in out.stdout
     assert "(unknown command '/nonsense')" in out.stdout and "/budget X" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+# -- models without a chat template (base models) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model_path(tmp_path_factory):
+    """The tiny qwen2 with its chat template left out, as a base model's GGUF is."""
+    path = tmp_path_factory.mktemp("base") / "tiny-base.gguf"
+    return write_tiny_model(path, "qwen2", chat_template=False)
+
+
+def test_a_model_without_a_chat_template_gets_a_plain_transcript(base_model_path):
+    llm = load(base_model_path, merge=None, n_ctx=1024)
+    assert "tokenizer.chat_template" not in llm.metadata
+    session = ChatSession(llm, system="Be brief.", max_tokens=6, temperature=0)
+    assert session.mode == "transcript"
+    out = io.StringIO()
+    assert run_chat(session, stdin=io.StringIO("hello there\nand again\n"), stdout=out) == 0
+    first_line = out.getvalue().splitlines()[0]
+    assert "tiny-base.gguf has no chat template" in first_line
+    assert f"--model {models.load_registry().default}" in first_line
+    replies = [m["content"] for m in session.messages if m["role"] == "assistant"]
+    assert len(replies) == 2 and all(r == r.strip() for r in replies)
+    # what the model was given: the transcript, not llama-2's [INST] markup
+    seen = llm.detokenize(list(llm.input_ids[: llm.n_tokens]), special=True).decode(
+        errors="replace"
+    )
+    assert "[INST]" not in seen
+    assert (
+        f"Be brief.\n\nUser: hello there\nAssistant: {replies[0]}\nUser: and again\nAssistant:"
+        in seen
+    )
+
+
+def test_a_model_with_a_chat_template_uses_it(tiny_qwen2_path):
+    session = ChatSession(load(tiny_qwen2_path), max_tokens=2, temperature=0)
+    assert session.mode == "template"
+    out = io.StringIO()
+    assert run_chat(session, stdin=io.StringIO("hi\n"), stdout=out) == 0
+    assert out.getvalue().splitlines()[0] == "(chat format: the chat template in tiny-qwen2.gguf)"
+    # ChatML, from the GGUF
+    llm = session.llm
+    seen = llm.detokenize(list(llm.input_ids[: llm.n_tokens]), special=True)
+    assert b"<|im_start|>user\nhi<|im_end|>" in seen
+
+
+def pulled(name: str):
+    try:
+        return models.resolve_model(name, pull_missing=False, progress=False)
+    except models.ModelNotFoundError:
+        pytest.skip(f"{name} is not pulled: run `edgemerge models pull {name}`")
+
+
+@pytest.mark.slow
+def test_gemma_base_model_answers_in_the_chat(tmp_path):
+    # Gemma 3 270M as shipped has no chat template; in llama-2 format it replied ""
+    path = pulled("gemma-3-270m")
+    turns = "What is the capital of France?\nAnd what is the capital of Italy?\n/exit\n"
+    out = chat(path, "--max-tokens", "40", stdin=turns, tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "has no chat template, so it is a base model" in out.stdout.splitlines()[0]
+    (saved,) = (tmp_path / "history").glob("*.json")
+    replies = [m["content"] for m in read_messages(saved) if m["role"] == "assistant"]
+    assert len(replies) == 2 and all(replies), replies
+    assert not any("User:" in r or "Assistant:" in r for r in replies)  # cut at the turn
+    assert "Paris" in replies[0], replies
 
 
 # -- the session, in-process ----------------------------------------------------------

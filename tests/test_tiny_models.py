@@ -9,6 +9,7 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
+from edgemerge.gguf_meta import read_header
 from edgemerge.tiny_models import (
     TinyModelConfig,
     tokenizer_metadata,
@@ -164,6 +165,15 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert a.stat().st_size == c.stat().st_size
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_chat_template_can_be_left_out(tmp_path: Path, arch: str) -> None:
+    # Qwen2's vocab carries a template and LLaMA's gets one supplied: both must go
+    path = write_tiny_model(tmp_path / f"{arch}-base.gguf", arch, chat_template=False)
+    keys = read_header(path).kvs
+    assert "tokenizer.chat_template" not in keys
+    assert "tokenizer.ggml.tokens" in keys  # the rest of the tokenizer is still there
+
+
 def test_f16_and_other_shapes_load(tmp_path: Path) -> None:
     f32 = write_tiny_model(tmp_path / "f32.gguf", "llama", n_layer=3, n_embd=32, n_head=2)
     f16 = write_tiny_model(
@@ -196,6 +206,7 @@ def test_f16_and_other_shapes_load(tmp_path: Path) -> None:
         ({"n_ff": 1.5}, "n_ff"),
         ({"n_ctx_train": True}, "n_ctx_train"),
         ({"seed": -1}, "seed"),
+        ({"chat_template": "no"}, "chat_template"),
     ],
 )
 def test_bad_config_raises_naming_the_field(

@@ -9,8 +9,8 @@ exactly the same conversation. The last user turn asks about one of the four fac
 Material (none of it used by the other tasks of the suite, see ``texts`` and
 ``tasks``): the docstrings of standard-library modules (prose, always available),
 their source code, and the licence texts a Debian system keeps under
-``/usr/share/common-licenses`` (skipped where missing). The ``dev`` and ``confirm``
-splits draw from disjoint documents and from different seeds.
+``/usr/share/common-licenses`` (or ``$EDGEMERGE_LICENSES_DIR``; skipped where missing).
+The ``dev`` and ``confirm`` splits draw from disjoint documents and from different seeds.
 
 Scoring (:func:`run_chat_memory`) drives an ``edgemerge.Llama`` the way ``edgemerge
 chat`` does: one ``create_chat_completion`` call per user turn, the conversation so
@@ -24,7 +24,6 @@ a time, giving their mean NLL. One prefill per case and row.
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 import time
@@ -35,7 +34,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgemerge.evaluation.texts import Document, FidelityInputError, stdlib_file
+from edgemerge.evaluation.texts import (
+    FidelityInputError,
+    docstring_prose,
+    licence,
+    stdlib_file,
+)
 
 Split = Literal["dev", "confirm"]
 SPLITS: tuple[str, ...] = ("dev", "confirm")
@@ -68,7 +72,6 @@ _MATERIAL: dict[str, _Material] = {
         code_modules=("pprint.py", "gettext.py", "sched.py", "smtplib.py"),
     ),
 }
-LICENCE_DIR = Path("/usr/share/common-licenses")
 
 # ------------------------------------------------------------------------------ facts
 
@@ -192,18 +195,6 @@ _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _DEF = re.compile(r"^\s*(?:async\s+)?(def|class)\s+([A-Za-z_][A-Za-z0-9_]*)", re.M)
 
 
-def _docstring_prose(path: Path) -> str:
-    """Every docstring of a Python module, one paragraph each, in source order."""
-    tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    parts = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) > 80:
-                parts.append(doc.strip())
-    return "\n\n".join(parts)
-
-
 @dataclass
 class _Pool:
     """The split's texts, loaded on first use: prose paragraphs and code files."""
@@ -222,13 +213,13 @@ class _Pool:
             if not path.is_file():
                 pool.missing.append(str(path))
                 continue
-            paragraphs = [p.strip() for p in _PARAGRAPH.split(_docstring_prose(path)) if p.strip()]
+            paragraphs = [p.strip() for p in _PARAGRAPH.split(docstring_prose(path)) if p.strip()]
             if paragraphs:
                 pool.prose.append((f"documentation of Python's {name[:-3]} module", paragraphs))
         for name in material.licences:
-            doc = Document(f"{name} licence", LICENCE_DIR / name)
-            if not doc.path.is_file():
-                pool.missing.append(str(doc.path))
+            doc = licence(name)
+            if not doc.exists():
+                pool.missing.append(doc.where())
                 continue
             text = doc.read().replace("\r\n", "\n").replace("\f", "")
             paragraphs = [p.strip() for p in _PARAGRAPH.split(text) if p.strip()]

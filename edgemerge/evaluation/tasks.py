@@ -33,24 +33,32 @@ import re
 import tokenize as pytokenize
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
-from edgemerge.evaluation.texts import Document, FidelityInputError, Tokenize, stdlib_file
+from edgemerge.evaluation.texts import (
+    Document,
+    FidelityInputError,
+    Tokenize,
+    debian_doc,
+    licence,
+    missing_note,
+    stdlib_file,
+)
 
 # Haystack documents, all shipped by a Debian bookworm base system (~230 kB, enough for
 # contexts of about 50k tokens). Licences first: they read most like ordinary prose.
+# Their folders are looked up when a haystack is built (see ``texts.TextFolder``).
 FILLER_DOCS: tuple[Document, ...] = (
-    Document("GPL-3 licence", Path("/usr/share/common-licenses/GPL-3")),
-    Document("Apache-2.0 licence", Path("/usr/share/common-licenses/Apache-2.0")),
-    Document("LGPL-2.1 licence", Path("/usr/share/common-licenses/LGPL-2.1")),
-    Document("Artistic licence", Path("/usr/share/common-licenses/Artistic")),
-    Document("MPL-2.0 licence", Path("/usr/share/common-licenses/MPL-2.0")),
-    Document("bash NEWS (Debian doc)", Path("/usr/share/doc/bash/NEWS.gz")),
-    Document("bash COMPAT (Debian doc)", Path("/usr/share/doc/bash/COMPAT.gz")),
+    licence("GPL-3"),
+    licence("Apache-2.0"),
+    licence("LGPL-2.1"),
+    licence("Artistic"),
+    licence("MPL-2.0"),
+    debian_doc("bash/NEWS.gz", "bash NEWS (Debian doc)"),
+    debian_doc("bash/COMPAT.gz", "bash COMPAT (Debian doc)"),
 )
 
 # Large standard-library modules for ``lcc`` (names that later Pythons turned into
@@ -278,10 +286,8 @@ class _Haystack:
         need = max(1, longest - len(bos_ids) - len(intro_ids))
         filler: list[int] = []
         starts: list[int] = []
-        missing: list[str] = []
         for doc in FILLER_DOCS:
-            if not doc.path.is_file():
-                missing.append(str(doc.path))
+            if not doc.exists():
                 continue
             text = doc.read().replace("\r\n", "\n").replace("\f", "").strip()
             # Each document opens a new paragraph after the intro or the previous one.
@@ -292,10 +298,9 @@ class _Haystack:
                     filler.extend(ids)
                 if len(filler) >= need:
                     return cls(tokenize, bos_ids, intro_ids, filler, starts)
-        absent = f"; missing: {', '.join(missing)}" if missing else ""
         raise FidelityInputError(
             f"the filler documents hold {len(filler)} tokens, fewer than the {need} needed"
-            f"{absent}; lower n_context/lengths or install the missing files"
+            f"{missing_note(FILLER_DOCS)}; lower n_context/lengths or provide the missing files"
         )
 
     def sample(
@@ -550,7 +555,7 @@ def lcc_samples(
         raise FidelityInputError(
             f"n_context={n_context} leaves no token after BOS; use n_context >= {len(bos_ids) + 1}"
         )
-    available = [doc for doc in LCC_SOURCES if doc.path.is_file()]
+    available = [doc for doc in LCC_SOURCES if doc.exists()]
     if not available:
         raise FidelityInputError(
             "none of the lcc source files exist: " + ", ".join(str(doc.path) for doc in LCC_SOURCES)

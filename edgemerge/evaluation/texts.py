@@ -4,6 +4,12 @@ Three sources, as the fidelity issue asks: licences from ``/usr/share/common-lic
 Debian documentation under ``/usr/share/doc`` (gzip-compressed files are read through
 gzip) and the running Python's standard-library sources.
 
+The two system folders are not everywhere (macOS has neither), so a document names its
+folder rather than a fixed path, and the folder is looked up when the text is read:
+``EDGEMERGE_LICENSES_DIR`` and ``EDGEMERGE_DOC_DIR`` replace the Debian defaults, and
+importing this module never touches the file system. A missing file is a
+:class:`FidelityInputError` that names the file and the variable to set.
+
 A :class:`Context` is one evaluation case. Its ``prefix`` is the token sequence whose
 KV cache is captured and compressed (cells 0..n-1 at positions 0..n-1); ``feed`` is
 what is decoded after the compressed state is loaded: the context's last token, then
@@ -14,9 +20,10 @@ too (a restored state carries no logits).
 
 from __future__ import annotations
 
+import ast
 import gzip
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,11 +43,59 @@ def stdlib_file(name: str) -> Path:
 
 
 @dataclass(frozen=True)
+class TextFolder:
+    """A system folder of texts whose place an environment variable can override.
+
+    Attributes:
+        env: the variable; when set (and not empty) its value is the folder.
+        default: the folder otherwise (where Debian keeps these texts).
+    """
+
+    env: str
+    default: Path
+
+    def path(self) -> Path:
+        """The folder now: read at every call, so a variable set after import counts."""
+        value = os.environ.get(self.env)
+        return Path(value).expanduser() if value else self.default
+
+    def hint(self) -> str:
+        """What to do when a file is missing from it."""
+        return f"set {self.env} to a folder that has it (default {self.default})"
+
+
+LICENCES = TextFolder("EDGEMERGE_LICENSES_DIR", Path("/usr/share/common-licenses"))
+DEBIAN_DOCS = TextFolder("EDGEMERGE_DOC_DIR", Path("/usr/share/doc"))
+
+
+@dataclass(frozen=True)
 class Document:
-    """A named text file (``.gz`` files are decompressed)."""
+    """A named text file (``.gz`` files are decompressed).
+
+    Attributes:
+        label: how reports name it.
+        file: the file; relative to ``folder`` when one is given.
+        folder: the system folder it lives in (resolved when read), or None when
+            ``file`` is a path of its own.
+    """
 
     label: str
-    path: Path
+    file: Path
+    folder: TextFolder | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where the file is now (the folder's variable is read on every access)."""
+        return self.folder.path() / self.file if self.folder is not None else Path(self.file)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def where(self) -> str:
+        """The path, with the variable that moves it: for messages about a missing file."""
+        if self.folder is None:
+            return str(self.path)
+        return f"{self.path} ({self.folder.hint()})"
 
     def read(self) -> str:
         """The text, decoded as UTF-8 (undecodable bytes replaced).
@@ -48,34 +103,79 @@ class Document:
         Raises:
             FidelityInputError: the file does not exist or cannot be read.
         """
+        path = self.path
+        if not path.is_file() and self.folder is not None:
+            raise FidelityInputError(
+                f"the text {self.label!r} needs {path}, which does not exist; "
+                f"{self.folder.hint()}, or pass other documents "
+                "(FidelityConfig.plain_docs / recall_pairs)"
+            )
         try:
-            raw = self.path.read_bytes()
-            if self.path.suffix == ".gz":
+            raw = path.read_bytes()
+            if path.suffix == ".gz":
                 raw = gzip.decompress(raw)
         except (OSError, EOFError, gzip.BadGzipFile) as err:
             raise FidelityInputError(
-                f"cannot read the text {self.label!r} from {self.path}: {err}; pass other "
+                f"cannot read the text {self.label!r} from {path}: {err}; pass other "
                 "documents (FidelityConfig.plain_docs / recall_pairs)"
             ) from err
         return raw.decode("utf-8", errors="replace")
 
 
+def licence(name: str, label: str | None = None) -> Document:
+    """The licence text ``name`` (e.g. ``"GPL-3"``) of :data:`LICENCES`."""
+    return Document(label or f"{name} licence", Path(name), LICENCES)
+
+
+def debian_doc(name: str, label: str) -> Document:
+    """A file under :data:`DEBIAN_DOCS`, e.g. ``"bash/NEWS.gz"``."""
+    return Document(label, Path(name), DEBIAN_DOCS)
+
+
+def missing_note(docs: Iterable[Document]) -> str:
+    """``"; missing: A, B"`` for the documents whose files do not exist now (else ``""``),
+    with the variables that would move them."""
+    docs = list(docs)
+    missing = [str(doc.path) for doc in docs if not doc.exists()]
+    if not missing:
+        return ""
+    hints = dict.fromkeys(
+        doc.folder.hint() for doc in docs if doc.folder is not None and not doc.exists()
+    )
+    return f"; missing: {', '.join(missing)}" + "".join(f"; {hint}" for hint in hints)
+
+
+def docstring_prose(path: Path) -> str:
+    """Every docstring of a Python module, one paragraph each, in source order.
+
+    English prose that exists wherever CPython's sources do.
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    parts = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 80:
+                parts.append(doc.strip())
+    return "\n\n".join(parts)
+
+
 # Plain-text continuation: one licence, one Debian document, one stdlib module.
 PLAIN_DOCS: tuple[Document, ...] = (
-    Document("GPL-3 licence", Path("/usr/share/common-licenses/GPL-3")),
-    Document("bash COMPAT (Debian doc)", Path("/usr/share/doc/bash/COMPAT.gz")),
+    licence("GPL-3"),
+    debian_doc("bash/COMPAT.gz", "bash COMPAT (Debian doc)"),
     Document("argparse.py (stdlib)", stdlib_file("argparse.py")),
 )
 
 # Recall: (passage, filler) pairs from different sources.
 RECALL_PAIRS: tuple[tuple[Document, Document], ...] = (
     (
-        Document("Apache-2.0 licence", Path("/usr/share/common-licenses/Apache-2.0")),
+        licence("Apache-2.0"),
         Document("subprocess.py (stdlib)", stdlib_file("subprocess.py")),
     ),
     (
         Document("functools.py (stdlib)", stdlib_file("functools.py")),
-        Document("bash NEWS (Debian doc)", Path("/usr/share/doc/bash/NEWS.gz")),
+        debian_doc("bash/NEWS.gz", "bash NEWS (Debian doc)"),
     ),
 )
 
