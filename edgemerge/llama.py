@@ -273,7 +273,9 @@ class Llama(llama_cpp.Llama):
         result = self._recall.recall(self.input_ids, self.n_tokens, budget)
         if result.blocks:
             self._cells = len(kvcells.list_cells(self))
-            r = min(s.recall_reeval, self.n_tokens - 1)
+            # the cut at n_tokens - r needs the exact cell just before it: only the last
+            # `recent` positions are sure to be one (a restore may evict the cell before)
+            r = min(s.recall_reeval, max(s.recent - 1, 0), self.n_tokens - 1)
             if r > 0:
                 p0 = self.n_tokens - r
                 again = [int(t) for t in self.input_ids[p0 : self.n_tokens]]

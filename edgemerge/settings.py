@@ -65,13 +65,16 @@ class MergeSettings:
         recall: keep the original K/V of every merged or evicted cell in a block store
             (host RAM, then a file) and, at the end of each prompt (a chat turn), bring
             back the stored blocks the prompt's last queries attend to most, exact, at
-            their positions; less-attended cells make room, so the budget holds.
+            their positions; less-attended cells make room, so the budget holds. On by
+            default: without it a fact from an early turn is lost once its cells merge
+            (docs/chat_memory.md).
         recall_window: prompt tokens at the end of a turn whose queries score the store.
         recall_blocks: most blocks brought back per turn.
         recall_threshold: least attention share (of the best layer and head, averaged over
             the window) a stored block needs to come back, in [0, 1).
         recall_reeval: prompt tokens evaluated again after a restore, so that the reply's
-            first token sees what came back (0 keeps the first pass; at most ``recent``).
+            first token sees what came back (0 keeps the first pass); at most
+            ``recent - 1`` of them, since older cells may have been merged or evicted.
         store_ram_mb: MiB of stored blocks kept in RAM; the rest spills to a file under
             the cache directory.
     """
@@ -90,7 +93,7 @@ class MergeSettings:
     slack: int = 64
     max_merge_error: float = 0.6
     eviction: Eviction = "position"
-    recall: bool = False
+    recall: bool = True
     recall_window: int = 32
     recall_blocks: int = 8
     recall_threshold: float = 0.0
@@ -139,11 +142,6 @@ class MergeSettings:
         _check_int("recall_blocks", self.recall_blocks, 1, 1 << 16)
         _check_float("recall_threshold", self.recall_threshold, 0.0, 1.0, hi_open=True)
         _check_int("recall_reeval", self.recall_reeval, 0, 4096)
-        if self.recall and self.recall_reeval > self.recent:
-            raise SettingsError(
-                f"recall_reeval: {self.recall_reeval} tokens reach past the recent window of "
-                f"{self.recent}; lower recall_reeval or raise recent"
-            )
         _check_int("store_ram_mb", self.store_ram_mb, 0, 1 << 24)
 
     def budget_cells(self, logical_tokens: int) -> int:

@@ -86,6 +86,10 @@ def test_store_forgets_positions_after_a_cut(tmp_path):
     store.drop_from(6)
     assert store.blocks() == [0, 1]
     assert store.get(1).positions.tolist() == [4, 5]
+    # a block whose stored positions all lie past the cut goes, even if it starts before
+    store.put(np.array([14, 15], np.int32), np.array([0, 0], np.int32), rows(rng, 1, 2), None)
+    store.drop_from(13)
+    assert store.blocks() == [0, 1]
 
 
 def test_store_spills_to_a_file_and_reads_it_back(tmp_path):
@@ -175,8 +179,10 @@ def test_choose_blocks_takes_the_best_above_threshold():
 
 
 def test_recall_settings_are_validated():
-    with pytest.raises(SettingsError, match="recall_reeval"):
-        MergeSettings(recent=16, recall_reeval=32, recall=True)
+    assert MergeSettings().recall  # on by default (docs/chat_memory.md)
+    # a re-evaluation longer than the recent window is capped by it, not an error: a
+    # small recent window must not fail on a recall knob the user never set
+    assert MergeSettings(recent=16).recall_reeval == 32
     with pytest.raises(SettingsError, match="recall_window"):
         MergeSettings(recall_window=0)
     with pytest.raises(SettingsError, match="recall_threshold"):

@@ -60,6 +60,8 @@ class QueryCapture:
     """
 
     def __init__(self, ctx: int, n_layer: int, n_head: int, head_dim: int, window: int) -> None:
+        self._qc = None  # close() and __del__ work even if the native call below fails
+        self.armed = False
         ffi, lib = native.ffi(), native.lib()
         out = ffi.new("edgemerge_qcapture **")
         native.check(
@@ -67,7 +69,10 @@ class QueryCapture:
                 ffi.cast("void *", ctx), n_layer, n_head, head_dim, window, out
             )
         )
-        self._qc = ffi.gc(out[0], lib.edgemerge_qcapture_free)
+        # freed by close() only, never by an ffi.gc finaliser: in a reference cycle the
+        # garbage collector may run that finaliser first and then Llama.__del__ -> close(),
+        # which freed the same pointer twice ("double free" when a chat exited)
+        self._qc = out[0]
         self.shape = (n_layer, window, n_head, head_dim)
         self.armed = False
 
@@ -95,8 +100,10 @@ class QueryCapture:
             self.disarm()
         if self._qc is not None:
             qc, self._qc = self._qc, None
-            native.ffi().gc(qc, None)  # detach the finaliser, then free now
             native.lib().edgemerge_qcapture_free(qc)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _cell_rows(stream: kvstate.StreamKV) -> tuple[np.ndarray, np.ndarray | None]:
@@ -265,7 +272,7 @@ class RecallEngine:
         entries: dict[int, StoredBlock] = {}
         for b in block_ids:
             e = self.store.get(b)
-            if e is None:
+            if e is None or e.positions.size == 0:
                 continue
             if np.any(e.positions >= n_tokens) or not np.array_equal(tokens[e.positions], e.tokens):
                 self.store.take(b)  # stale: the sequence changed under it

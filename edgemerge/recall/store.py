@@ -172,7 +172,9 @@ class BlockStore:
             entry = self._get(b)
             self._drop(b)
             if entry is not None and b * self.block_size < pos:
-                self._set(b, entry.select(entry.positions < pos))
+                kept = entry.select(entry.positions < pos)
+                if kept.positions.size:  # a block with nothing left must not stay listed
+                    self._set(b, kept)
 
     def clear(self) -> None:
         self._ram.clear()
