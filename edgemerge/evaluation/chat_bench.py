@@ -293,6 +293,12 @@ class RowSummary:
         return f"{self.row.label} @{self.budget}{'%' if self.unit == 'percent' else ' cells'}"
 
     @property
+    def store_bytes(self) -> float:
+        """Mean bytes of the recall store (RAM and spill file) at the case's end; 0 without."""
+        sizes = [r.get("store_ram_bytes", 0) + r.get("store_disk_bytes", 0) for r in self.records]
+        return float(np.mean(sizes)) if sizes else 0.0
+
+    @property
     def decode_tok_s(self) -> float:
         speeds = [r["decode_tok_s"] for r in self.records if r.get("decode_tok_s")]
         return float(np.mean(speeds)) if speeds else math.nan
@@ -421,11 +427,12 @@ def _frontier(summaries: Sequence[RowSummary]) -> list[str]:
     """Every row by KV bytes: what to run with this much memory."""
     ranked = sorted(summaries, key=lambda s: s.kv_bytes)
     out = [
-        "Equal bytes (KV MiB at the conversation's peak, mean over cases; a row is on the "
-        "frontier when no row with fewer bytes has a lower NLL):",
+        "Equal bytes (KV MiB of the cache at the conversation's peak, mean over cases; a row "
+        "is on the frontier when no row with fewer cache bytes has a lower NLL; the recall "
+        "store's originals sit in host RAM and its spill file on top, in the last column):",
         "",
-        "| KV MiB | row | accuracy | NLL | on the frontier |",
-        "| ---: | --- | ---: | ---: | :---: |",
+        "| KV MiB | row | accuracy | NLL | on the frontier | + recall store MiB (host) |",
+        "| ---: | --- | ---: | ---: | :---: | ---: |",
     ]
     best = math.inf
     for s in ranked:
@@ -434,7 +441,7 @@ def _frontier(summaries: Sequence[RowSummary]) -> list[str]:
         best = min(best, nll)
         out.append(
             f"| {s.kv_bytes / 2**20:.1f} | {s.name} | {int(s.correct.sum())}/{s.correct.size} | "
-            f"{nll:.3f} | {'yes' if on else ''} |"
+            f"{nll:.3f} | {'yes' if on else ''} | {s.store_bytes / 2**20:.1f} |"
         )
     return out
 
