@@ -5,8 +5,8 @@
 Calibration runs on one text (GPL-3, what ``edgemerge calibrate`` uses by default)
 and the comparison on another (a Python stdlib source), so the calibrated numbers
 are held out. For each budget (share of cells kept) the KV of the evaluation text
-(captured with :func:`edgemerge.capture.capture_kv`, f16 cache as at runtime) is
-planned by :func:`edgemerge.policy.plan` (the rule both BlockMerges run) on the
+(captured with :func:`edgemerge.native.capture.capture_kv`, f16 cache as at runtime) is
+planned by :func:`edgemerge.merging.policy.plan` (the rule both BlockMerges run) on the
 features the runtime computes (:func:`edgemerge.methods.blockmerge.snapshot_features`),
 with ``MergeSettings()`` but for the threshold and ``retain_top=0`` (so that only the
 threshold rule differs): sinks 16, recent 256, sets inside one block of 16, the
@@ -49,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemerge import policy
-from edgemerge.calibration import default_text, layer_thresholds
-from edgemerge.capture import capture_kv
+from edgemerge.merging import policy
+from edgemerge.merging.calibration import default_text, layer_thresholds
 from edgemerge.methods.blockmerge import snapshot_features
 from edgemerge.models import resolve_model
+from edgemerge.native.capture import capture_kv
 from edgemerge.reference._checks import layer_selection
 from edgemerge.reference.error import key_reconstruction_error
 from edgemerge.reference.merge import merge_kv
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{[cal.layers[i] for i in layers]}); {args.tokens} tokens each of calibration text "
         f"{cal_source} and evaluation text {eval_source}; capture {capture_s:.1f} s"
     )
-    print(f"policy: edgemerge.policy.plan with {s} (threshold per row)\n")
+    print(f"policy: edgemerge.merging.policy.plan with {s} (threshold per row)\n")
     header = (
         f"{'budget':>6}  {'rule':<22} {'threshold':>17}  {'kept':>6}  {'sets':>5}  "
         f"{'key err/set':>11}  {'key err/cache':>13}"

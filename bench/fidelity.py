@@ -1,7 +1,7 @@
 """Fidelity of every KV compression method on real KV, as a method x budget table.
 
 For each model and each context (see ``edgemerge.evaluation.texts``), the context's KV cache is
-captured once from the real model (``edgemerge.capture.capture_kv``: K/V as cached,
+captured once from the real model (``edgemerge.native.capture.capture_kv``: K/V as cached,
 the last ``n_obs`` queries and the attention mass every cell received) and reused
 by every method and budget:
 
@@ -11,7 +11,7 @@ by every method and budget:
     ones (``edgemerge.reference.error.compressed_attention_error``). The methods
     never see these queries.
 (b) continuation NLL on plain text: the compressed cells are written into the
-    captured state (``edgemerge.kvstate.with_kv``, with each cell's position, bias
+    captured state (``edgemerge.native.kvstate.with_kv``, with each cell's position, bias
     and span), restored with ``llama_state_seq_set_data`` into a fresh context, and
     the next tokens of the same document are decoded at their true positions (after
     the context's last position, not after the cell count) and scored.
@@ -57,8 +57,6 @@ from _fidelity_config import (
 from _fidelity_report import render_markdown
 from tqdm import tqdm
 
-from edgemerge import kvstate
-from edgemerge.capture import capture_kv
 from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v
 from edgemerge.evaluation.texts import (
     PLAIN_DOCS,
@@ -71,6 +69,8 @@ from edgemerge.evaluation.texts import (
 from edgemerge.methods import get_method
 from edgemerge.methods.base import CompressedKV, KVSnapshot
 from edgemerge.models import resolve_model
+from edgemerge.native import kvstate
+from edgemerge.native.capture import capture_kv
 from edgemerge.reference.error import compressed_attention_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,8 @@ def run_model(
 
     Raises:
         FidelityInputError: a text is missing or too short for the token counts.
-        edgemerge.capture.CaptureError, edgemerge.evaluation.scoring.ScoringError: llama.cpp failed.
+        edgemerge.native.capture.CaptureError, edgemerge.evaluation.scoring.ScoringError:
+            llama.cpp failed.
     """
     path = resolve_model(model, progress=progress)
     label = str(model) if not Path(str(model)).is_file() else Path(model).stem

@@ -46,7 +46,7 @@ def timed_decode(llm, tokens: list[int], n: int) -> tuple[float, int]:
 
 
 def kv_bytes_per_cell(llm) -> int:
-    from edgemerge import kvmerge
+    from edgemerge.native import kvmerge
 
     s = kvmerge.kv_shape(llm)
     p = llm.context_params

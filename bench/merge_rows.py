@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edgemerge import ops
+from edgemerge.native import ops
 from edgemerge.reference.ggml_quants import quantize_rows, row_bytes
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]

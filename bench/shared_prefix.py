@@ -1,6 +1,6 @@
 """Several live sequences behind one long system prompt: shared through seq_cp or not.
 
-``SharedPrefixPool`` (edgemerge/sequences.py) runs every sequence in one unified-cache
+``SharedPrefixPool`` (edgemerge/prefix/sequences.py) runs every sequence in one unified-cache
 context; a sequence whose leading blocks match a live one copies them with ``seq_cp``
 (no K/V is copied: the cells gain a second owner) and decodes only its own suffix.
 The baseline runs the same sequences in the same kind of context with sharing made
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from edgemerge import Llama  # noqa: E402  (before llama_cpp: the patched lib)
-from edgemerge.sequences import SharedPrefixPool  # noqa: E402
+from edgemerge.prefix.sequences import SharedPrefixPool  # noqa: E402
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 QUESTIONS = [

@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from edgemerge import Llama, MergeSettings  # noqa: E402  (before llama_cpp: the patched lib)
-from edgemerge.blockcache import BlockCache  # noqa: E402
 from edgemerge.models import resolve_model  # noqa: E402
+from edgemerge.prefix.blockcache import BlockCache  # noqa: E402
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 TURNS = [

@@ -7,7 +7,7 @@ imported on first use (``edgemerge.models``, ``edgemerge.evaluation.suite``), so
 """
 
 from edgemerge._lazy import lazy_submodules
-from edgemerge._libpath import LibraryMismatchError, install_library_path
+from edgemerge.native._libpath import LibraryMismatchError, install_library_path
 
 __version__ = "0.1.0"
 

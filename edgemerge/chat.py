@@ -49,7 +49,7 @@ from typing import Any, Literal, TextIO
 import numpy as np
 from jinja2 import TemplateError
 
-from edgemerge.planner import BudgetError
+from edgemerge.merging.planner import BudgetError
 from edgemerge.settings import MergeSettings, SettingsError
 
 COMMANDS = {

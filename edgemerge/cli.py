@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgemerge import models
 from edgemerge.convert import ConvertError, add_convert_parser
-from edgemerge.planner import BudgetError
+from edgemerge.merging.planner import BudgetError
 from edgemerge.serve_cli import add_serve_parser
 from edgemerge.settings import LATTER_HALF, MergeSettings, SettingsError
 
@@ -207,7 +207,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgemerge.calibration import CalibrationError, read_calibration, run_calibrate
+    from edgemerge.merging.calibration import CalibrationError, read_calibration, run_calibrate
 
     try:
         out = run_calibrate(

@@ -8,8 +8,8 @@ patched library). With ``merge=MergeSettings(...)``:
   model's trained context);
 - before every chunk of evaluation (prefill is chunked by ``n_batch``, decode is
   one token at a time), if the sequence would pass its budget plus ``slack``,
-  the planner (:mod:`edgemerge.planner`) merges cells inside the cache
-  (:mod:`edgemerge.kvmerge`) until the chunk fits in the budget, evicting only
+  the planner (:mod:`edgemerge.merging.planner`) merges cells inside the cache
+  (:mod:`edgemerge.native.kvmerge`) until the chunk fits in the budget, evicting only
   when merging cannot;
 - prefix reuse across calls respects merged spans: when a call rewinds to a
   position inside a merged cell's span, the rewind moves back to the span's start
@@ -28,9 +28,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edgemerge import _llamalog, kvcells, kvmerge
+from edgemerge.merging.planner import BlockMergePlanner, MergePlan
 from edgemerge.models import cache_dir, resolve_model
-from edgemerge.planner import BlockMergePlanner, MergePlan
+from edgemerge.native import _llamalog, kvcells, kvmerge
 from edgemerge.recall import RecallEngine
 from edgemerge.reference.ggml_quants import row_bytes
 from edgemerge.settings import CALIBRATED, MergeSettings, SettingsError
@@ -204,7 +204,7 @@ class Llama(llama_cpp.Llama):
         self._set_recall(merge)
 
     def _calibrated_thresholds(self, path: Path) -> np.ndarray:
-        from edgemerge.calibration import read_calibration
+        from edgemerge.merging.calibration import read_calibration
 
         cal = read_calibration(path)
         if cal is None:
@@ -436,7 +436,7 @@ class Llama(llama_cpp.Llama):
     @property
     def model_handle(self) -> llama_cpp.llama_model_p:
         """The ``llama_model *`` this Llama runs, for llama.cpp calls and
-        :mod:`edgemerge.capture` (a borrowed pointer: valid until :meth:`close`)."""
+        :mod:`edgemerge.native.capture` (a borrowed pointer: valid until :meth:`close`)."""
         return self._model.model
 
     @property

@@ -3,8 +3,8 @@
 The app is llama-cpp-python's own (``llama_cpp.server``: its FastAPI router, request
 types, settings, ``LlamaProxy``, authentication and SSE streaming), with three changes:
 
-- the model is an :class:`~edgemerge.conversations.ServedLlama` (``edgemerge.Llama``,
-  merging as configured) with a :class:`~edgemerge.conversations.ConversationCache`,
+- the model is an :class:`~edgemerge.prefix.conversations.ServedLlama` (``edgemerge.Llama``,
+  merging as configured) with a :class:`~edgemerge.prefix.conversations.ConversationCache`,
   so each conversation keeps its own bounded cache and a client that resends a long
   history only has its tail evaluated;
 - ``/v1/chat/completions`` and ``/v1/completions`` are served by the handlers below,
@@ -49,8 +49,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette_context.middleware import RawContextMiddleware
 from starlette_context.plugins import RequestIdPlugin
 
-from edgemerge.conversations import ConversationCache, ServedLlama
 from edgemerge.models import resolve_model
+from edgemerge.prefix.conversations import ConversationCache, ServedLlama
 from edgemerge.settings import MergeSettings
 
 log = logging.getLogger("edgemerge.server")

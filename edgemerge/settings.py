@@ -24,7 +24,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """How the KV cache is kept inside its budget (the rule: :mod:`edgemerge.policy`).
+    """How the KV cache is kept inside its budget (the rule: :mod:`edgemerge.merging.policy`).
 
     When a sequence would pass ``budget + slack`` cells, BlockMerge merges runs of
     similar neighbouring cells into one until the next chunk fits in ``budget``.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import edgemerge  # noqa: F401  (sets LLAMA_CPP_LIB_PATH before any test imports llama_cpp)
-from edgemerge._libpath import library_file
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.native._libpath import library_file
+from edgemerge.testing.tiny_models import write_tiny_model
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edgemerge.gguf_meta import read_header
-from edgemerge.tiny_models import vocab_path
+from edgemerge.merging.gguf_meta import read_header
+from edgemerge.testing.tiny_models import vocab_path
 
 QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemerge import Llama, MergeSettings, kvcells
-from edgemerge.blockcache import (
+from edgemerge import Llama, MergeSettings
+from edgemerge.native import kvcells
+from edgemerge.prefix.blockcache import (
     BlockCache,
     BlockCacheError,
     BlockCacheWarning,
@@ -14,7 +15,7 @@ from edgemerge.blockcache import (
     RamBackend,
     cut_context_state,
 )
-from edgemerge.blocktable import BlockTable, merged_blocks, token_signatures
+from edgemerge.prefix.blocktable import BlockTable, merged_blocks, token_signatures
 from edgemerge.reference.hashing import hamming_distance, prefix_block_hashes
 from tests_support import english_text
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemerge import Llama, MergeSettings, calibration, kvcells
-from edgemerge.calibration import CalibrationError, layer_thresholds, read_calibration
-from edgemerge.gguf_meta import read_header
+from edgemerge import Llama, MergeSettings
+from edgemerge.merging import calibration
+from edgemerge.merging.calibration import CalibrationError, layer_thresholds, read_calibration
+from edgemerge.merging.gguf_meta import read_header
+from edgemerge.native import kvcells
 from tests_support import english_text, licence_text, package_env
 
 TEXT = english_text().encode()  # real prose, present on every machine
@@ -175,7 +177,7 @@ def test_real_gemma_thresholds_hold_on_other_text(tmp_path):
 
     import llama_cpp
 
-    from edgemerge.capture import capture_kv
+    from edgemerge.native.capture import capture_kv
     from edgemerge.reference.similarity import adjacent_similarity
 
     path = _real_model("gemma-3-270m")

@@ -1,4 +1,4 @@
-"""edgemerge.capture on tiny qwen2 and gemma3 models run by the real llama.cpp."""
+"""edgemerge.native.capture on tiny qwen2 and gemma3 models run by the real llama.cpp."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge import kvstate
-from edgemerge.capture import CaptureError, KVCapture, capture_kv, model_layout
 from edgemerge.evaluation.scoring import decode_chunk, new_context
 from edgemerge.methods.base import KVSnapshot
+from edgemerge.native import kvstate
+from edgemerge.native.capture import CaptureError, KVCapture, capture_kv, model_layout
 from edgemerge.reference import ggml_quants as gq
 from edgemerge.reference.rope import Rope, rotate
-from edgemerge.tiny_models import tokenizer_metadata, write_tiny_model
+from edgemerge.testing.tiny_models import tokenizer_metadata, write_tiny_model
 
 TEXT = b"A capture reads the cache, the queries and the attention of a real model run. " * 2
 N_BATCH = 32  # several micro-batches, so the per-chunk bookkeeping is exercised
@@ -28,7 +28,7 @@ def write_tiny_gemma3(path: Path, *, n_layer: int = 12, seed: int = 0) -> Path:
     """A random gemma3 model: 4 query heads, 1 KV head of 32, sliding window 8.
 
     With llama.cpp's default pattern of 6, layers 5 and 11 attend to everything
-    and the other ten see a window. edgemerge.tiny_models has no gemma3 (yet).
+    and the other ten see a window. edgemerge.testing.tiny_models has no gemma3 (yet).
     """
     n_embd, n_head, n_head_kv, head_dim, n_ff = 64, 4, 1, 32, 128
     rng = np.random.default_rng(seed)

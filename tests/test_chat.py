@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from edgemerge import Llama, MergeSettings, kvcells, models
+from edgemerge import Llama, MergeSettings, models
 from edgemerge.chat import (
     ChatFileError,
     ChatSession,
@@ -27,7 +27,8 @@ from edgemerge.chat import (
     run_chat,
     save_history,
 )
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.native import kvcells
+from edgemerge.testing.tiny_models import write_tiny_model
 from tests_support import english_text, package_env
 
 WORDS = english_text().split()

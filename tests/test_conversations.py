@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgemerge.conversations import ConversationCache, ServedLlama
+from edgemerge.prefix.conversations import ConversationCache, ServedLlama
 
 
 def make(path, **cache_kw):

@@ -37,8 +37,8 @@ from edgemerge.convert import (
     quantize,
     writer,
 )
-from edgemerge.gguf_meta import read_header
-from edgemerge.tiny_models import vocab_path
+from edgemerge.merging.gguf_meta import read_header
+from edgemerge.testing.tiny_models import vocab_path
 
 ARCHS = ("llama", "qwen2", "gemma3")
 N_TOKENS = 24  # longer than Gemma's 4-token test window, so sliding layers matter

@@ -15,14 +15,14 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge.capture import capture_kv, model_layout
 from edgemerge.evaluation import memprobe, report, suite
 from edgemerge.evaluation.scoring import Scorer, row_major_v
 from edgemerge.evaluation.streaming import StreamingPrefill
-from edgemerge.kvstate import parse_seq_state, write_seq_state
 from edgemerge.methods import CompressedKV, ExpectedAttention, KVSnapshot, get_method
+from edgemerge.native.capture import capture_kv, model_layout
+from edgemerge.native.kvstate import parse_seq_state, write_seq_state
 from edgemerge.reference.rope import Rope
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.testing.tiny_models import write_tiny_model
 from tests_support import require_suite_texts
 
 N_BATCH = 32

@@ -11,7 +11,7 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.testing.tiny_models import write_tiny_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -20,10 +20,10 @@ import fidelity  # noqa: E402
 from _fidelity_config import FidelityConfig, Row  # noqa: E402
 from _fidelity_report import render_markdown  # noqa: E402
 
-from edgemerge.capture import capture_kv  # noqa: E402
 from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v  # noqa: E402
 from edgemerge.evaluation.texts import Document, FidelityInputError, plain_context  # noqa: E402
 from edgemerge.methods import get_method  # noqa: E402
+from edgemerge.native.capture import capture_kv  # noqa: E402
 
 SMALL_BLOCKMERGE = {"recent": 16, "block_size": 8}
 ROWS = (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgemerge  # noqa: F401 - sets up the library path
-from edgemerge._libpath import library_file
+from edgemerge.native._libpath import library_file
 from edgemerge.reference import ggml_quants as gq
 
 QTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")

@@ -1,4 +1,4 @@
-"""Per-cell bias and span of the patched KV cache (native/patches/0002-0004, edgemerge.kvcells).
+"""Per-cell bias and span of the patched KV cache (native/patches/0002-0004, native.kvcells).
 
 The contexts here are built with llama-cpp-python's low-level API, so that tests
 control sequences, positions and cells exactly; ``kvcells`` takes the raw context
@@ -18,7 +18,8 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge import kvcells, native
+from edgemerge import native
+from edgemerge.native import kvcells
 
 N_CTX = 64
 # Any ids work for random-weight models; these are ordinary text tokens in both vocabularies.

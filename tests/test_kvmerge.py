@@ -17,11 +17,12 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemerge import kvcells, kvmerge, native
-from edgemerge.kvstate import parse_seq_state
+from edgemerge import native
+from edgemerge.native import kvcells, kvmerge
+from edgemerge.native.kvstate import parse_seq_state
 from edgemerge.reference import ggml_quants as gq
 from edgemerge.reference.merge import merge_rows_grouped
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.testing.tiny_models import write_tiny_model
 
 NMSE_TOL = {"f32": 1e-12, "f16": 1e-7, "bf16": 1e-5, "q8_0": 1e-4, "q4_0": 1e-2}
 N_TOKENS = 40

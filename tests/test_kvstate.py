@@ -1,4 +1,4 @@
-"""edgemerge.kvstate against the state buffers of the real (patched) llama.cpp."""
+"""edgemerge.native.kvstate against the state buffers of the real (patched) llama.cpp."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge import kvstate
-from edgemerge.kvstate import (
+from edgemerge.native import kvstate
+from edgemerge.native.kvstate import (
     CacheState,
     KVStateError,
     LayerKV,
@@ -21,7 +21,7 @@ from edgemerge.kvstate import (
     write_seq_state,
 )
 from edgemerge.reference import ggml_quants as gq
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.testing.tiny_models import write_tiny_model
 
 N_KV_HEAD = 2
 HEAD_DIM = 32  # quantized caches need head_dim divisible by the 32-value block

@@ -29,7 +29,7 @@ def submodule_names() -> list[str]:
 CHILD = """
 import sys
 import edgemerge
-heavy = ("llama_cpp", "edgemerge.models", "edgemerge.evaluation")
+heavy = ("llama_cpp", "cffi", "edgemerge.models", "edgemerge.evaluation", "edgemerge.merging")
 print("loaded at import:", sorted(m for m in heavy if m in sys.modules))
 for full in sys.argv[1:]:
     obj = edgemerge
@@ -42,9 +42,27 @@ print("reached", len(sys.argv) - 1)
 
 def test_every_submodule_is_reachable_as_an_attribute_and_none_is_imported_up_front():
     names = submodule_names()
-    assert {"edgemerge.models", "edgemerge.evaluation.suite", "edgemerge.reference.merge"} <= set(
-        names
-    )
+    documented = {
+        "edgemerge.models",
+        "edgemerge.evaluation.suite",
+        "edgemerge.reference.merge",
+        "edgemerge.native",
+        "edgemerge.native.ops",
+        "edgemerge.native.kvcells",
+        "edgemerge.native.kvmerge",
+        "edgemerge.native.kvstate",
+        "edgemerge.native.capture",
+        "edgemerge.merging.policy",
+        "edgemerge.merging.planner",
+        "edgemerge.merging.calibration",
+        "edgemerge.merging.gguf_meta",
+        "edgemerge.prefix.blocktable",
+        "edgemerge.prefix.blockcache",
+        "edgemerge.prefix.sequences",
+        "edgemerge.prefix.conversations",
+        "edgemerge.testing.tiny_models",
+    }
+    assert documented <= set(names)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, *names],
         capture_output=True,
@@ -60,6 +78,8 @@ def test_every_submodule_is_reachable_as_an_attribute_and_none_is_imported_up_fr
 def test_unknown_attributes_and_dir():
     assert "models" in dir(edgemerge) and "MergeSettings" in dir(edgemerge)
     assert "suite" in dir(edgemerge.evaluation)
+    assert {"native", "merging", "prefix", "testing"} <= set(dir(edgemerge))
+    assert {"kvcells", "lib", "check"} <= set(dir(edgemerge.native))
     with pytest.raises(AttributeError, match="module 'edgemerge' has no attribute 'no_such'"):
         edgemerge.no_such  # noqa: B018
     with pytest.raises(AttributeError, match="'edgemerge.reference' has no attribute 'nope'"):

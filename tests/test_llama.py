@@ -8,8 +8,9 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemerge import Llama, MergeSettings, SettingsError, kvcells
-from edgemerge.planner import BudgetError
+from edgemerge import Llama, MergeSettings, SettingsError
+from edgemerge.merging.planner import BudgetError
+from edgemerge.native import kvcells
 from tests_support import english_text
 
 N_CTX = 256

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgemerge.models import cache_dir
-from edgemerge.tiny_models import VOCAB_DIR
+from edgemerge.testing.tiny_models import VOCAB_DIR
 from tests_support import package_env
 
 SDIST = "llama_cpp_python-0.3.36"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from edgemerge.tiny_models import write_tiny_model
+from edgemerge.testing.tiny_models import write_tiny_model
 from tests_support import package_env
 
 CHILD = """

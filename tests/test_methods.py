@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgemerge.merging.policy import BudgetError
 from edgemerge.methods import (
     H2O,
     METHODS,
@@ -23,7 +24,6 @@ from edgemerge.methods import (
     get_method,
 )
 from edgemerge.methods.kvmerger import paper_layers
-from edgemerge.policy import BudgetError
 from edgemerge.reference.error import compressed_attention_error
 from edgemerge.reference.ggml_quants import dequantize_rows, quantize_rows
 from edgemerge.settings import MergeSettings

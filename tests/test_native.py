@@ -10,7 +10,7 @@ import pytest
 
 import edgemerge
 from edgemerge import native
-from edgemerge._libpath import LIB_DIR
+from edgemerge.native._libpath import LIB_DIR
 from tests_support import package_env
 
 
@@ -32,7 +32,7 @@ def test_bindings_load_the_patched_libllama():
 
 
 def test_constants_come_from_the_header():
-    from edgemerge import kvmerge, kvstate, ops
+    from edgemerge.native import kvmerge, kvstate, ops
     from edgemerge.reference import merge as reference_merge
 
     lib = native.lib()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemerge import native, ops
+from edgemerge import native
+from edgemerge.native import ops
 from edgemerge.reference.ggml_quants import dequantize_rows, quantize_rows
 from edgemerge.reference.merge import merge_rows_grouped
 

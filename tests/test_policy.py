@@ -10,12 +10,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgemerge import kvcells, kvmerge, policy
-from edgemerge.capture import capture_kv
+from edgemerge.merging import policy
+from edgemerge.merging.planner import BlockMergePlanner
+from edgemerge.merging.policy import BudgetError, PlanningFeatures
 from edgemerge.methods import BlockMerge
 from edgemerge.methods.blockmerge import snapshot_features
-from edgemerge.planner import BlockMergePlanner
-from edgemerge.policy import BudgetError, PlanningFeatures
+from edgemerge.native import kvcells, kvmerge
+from edgemerge.native.capture import capture_kv
 from edgemerge.reference.similarity import aggregate_similarity
 from edgemerge.settings import MergeSettings, SettingsError
 

@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from edgemerge import Llama, MergeSettings, SettingsError, kvcells
+from edgemerge import Llama, MergeSettings, SettingsError
+from edgemerge.native import kvcells
 from edgemerge.recall import (
     BlockStore,
     QueryCapture,
@@ -194,8 +195,8 @@ def test_recall_settings_are_validated():
 
 
 def test_query_capture_matches_the_python_capture(tiny_qwen2_path):
-    """The native ring holds the same post-RoPE queries as edgemerge.capture's."""
-    from edgemerge.capture import capture_kv
+    """The native ring holds the same post-RoPE queries as edgemerge.native.capture's."""
+    from edgemerge.native.capture import capture_kv
 
     llm = make(tiny_qwen2_path, merge=None)
     toks = llm.tokenize(TEXT.encode())[:70]

@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemerge import Llama, kvcells, kvmerge
+from edgemerge import Llama
+from edgemerge.native import kvcells, kvmerge
+from edgemerge.prefix.sequences import PoolError, SharedPrefixPool
 from edgemerge.reference.hashing import prefix_block_hashes
-from edgemerge.sequences import PoolError, SharedPrefixPool
 from tests_support import english_text
 
 TEXT = english_text().encode()  # real prose, present on every machine

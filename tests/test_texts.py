@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemerge import calibration
 from edgemerge.evaluation import chat_memory, tasks, texts
 from edgemerge.evaluation.texts import FidelityInputError
+from edgemerge.merging import calibration
 from tests_support import english_text, package_env
 
 TESTS = Path(__file__).resolve().parent
@@ -149,7 +149,9 @@ def test_import_and_collection_work_without_the_system_folders(tmp_path, absent)
             timeout=600,
         )
 
-    modules = "edgemerge.calibration edgemerge.evaluation.tasks edgemerge.evaluation.chat_memory"
+    modules = (
+        "edgemerge.merging.calibration edgemerge.evaluation.tasks edgemerge.evaluation.chat_memory"
+    )
     imported = run("-c", f"import edgemerge, {modules.replace(' ', ', ')}, edgemerge.cli")
     assert imported.returncode == 0, imported.stderr
 

@@ -9,8 +9,8 @@ import llama_cpp  # conftest imported edgemerge first, so this is the patched li
 import numpy as np
 import pytest
 
-from edgemerge.gguf_meta import read_header
-from edgemerge.tiny_models import (
+from edgemerge.merging.gguf_meta import read_header
+from edgemerge.testing.tiny_models import (
     TinyModelConfig,
     tokenizer_metadata,
     vocab_path,

@@ -121,7 +121,7 @@ def quantize_file(src: Path, dst: Path, name: str, n_threads: int | None = None)
     # edgemerge/__init__ has run (this is a submodule): llama_cpp loads our libllama.
     import llama_cpp
 
-    from edgemerge import _llamalog
+    from edgemerge.native import _llamalog
 
     ftype = quant_ftype(name)
     params = llama_cpp.llama_model_quantize_default_params()

@@ -488,13 +488,13 @@ class ChatMemoryResult:
 
 
 def _n_cells(llm: Any) -> int:
-    from edgemerge import kvcells
+    from edgemerge.native import kvcells
 
     return len(kvcells.list_cells(llm)) if llm.n_tokens else 0
 
 
 def _bytes_per_cell(llm: Any) -> int:
-    from edgemerge import kvmerge
+    from edgemerge.native import kvmerge
     from edgemerge.reference.ggml_quants import row_bytes
 
     shape = kvmerge.kv_shape(llm)

@@ -18,8 +18,8 @@ import os
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvstate
 from edgemerge.methods.base import CompressedKV
+from edgemerge.native import kvstate
 from edgemerge.reference import ggml_quants
 
 

@@ -14,7 +14,7 @@ What the methods get at each compression (as a :class:`KVSnapshot`):
 * keys/values as the cache holds them (f16, dequantized);
 * ``importance``: the attention mass each cell has received from every query decoded
   so far (H2O's accumulated score). It is read per chunk from llama.cpp's
-  ``kq_soft_max`` tensors (flash attention off, see :mod:`edgemerge.capture`) and
+  ``kq_soft_max`` tensors (flash attention off, see :mod:`edgemerge.native.capture`) and
   carried through compressions: a merged cell's importance is its members' sum;
 * ``queries``: the post-RoPE queries of the chunk's last ``n_obs`` tokens (SnapKV's
   observation window);
@@ -36,8 +36,6 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvstate
-from edgemerge.capture import CaptureError, GraphRecorder, ModelLayout, model_layout
 from edgemerge.evaluation.scoring import (
     ContextSession,
     ScoringError,
@@ -46,6 +44,8 @@ from edgemerge.evaluation.scoring import (
     new_context,
 )
 from edgemerge.methods.base import CompressionMethod, KVSnapshot
+from edgemerge.native import kvstate
+from edgemerge.native.capture import CaptureError, GraphRecorder, ModelLayout, model_layout
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvstate
-from edgemerge.capture import capture_kv, model_layout
 from edgemerge.evaluation import tasks, texts
 from edgemerge.evaluation.scoring import Scorer, compressed_state, row_major_v
 from edgemerge.evaluation.streaming import StreamingPrefill
 from edgemerge.methods import get_method
+from edgemerge.native import kvstate
+from edgemerge.native.capture import capture_kv, model_layout
 from edgemerge.reference.ggml_quants import ggml_type, row_bytes
 from edgemerge.settings import MergeSettings, SettingsError
 

@@ -1,16 +1,16 @@
 """``blockmerge``: edgemerge's block-wise adaptive KV merging, offline, on a captured cache.
 
-The rule is :mod:`edgemerge.policy`, the one the runtime runs inside the cache
-(:mod:`edgemerge.planner`); its knobs are :class:`~edgemerge.settings.MergeSettings`.
+The rule is :mod:`edgemerge.merging.policy`, the one the runtime runs inside the cache
+(:mod:`edgemerge.merging.planner`); its knobs are :class:`~edgemerge.settings.MergeSettings`.
 This method only
 
 1. computes the planning features from the snapshot exactly as the native features
    graph does (:func:`snapshot_features`: adjacent-key cosine, centred on the mean
    key of the cells when ``centre``; key and value norms; spans; ``log`` mass as bias),
-2. asks :func:`edgemerge.policy.plan` for a plan to ``budget`` cells, and
+2. asks :func:`edgemerge.merging.policy.plan` for a plan to ``budget`` cells, and
 3. applies it with the reference merge (:func:`edgemerge.reference.merge.merge_kv`):
    keys by direction and magnitude (``magnitude``; SLERP for pairs), values by the
-   weighted mean, as ``edgemerge.kvmerge.kv_merge`` does in the cache. Each merged
+   weighted mean, as ``edgemerge.native.kvmerge.kv_merge`` does in the cache. Each merged
    cell sits at its pivot's position, spans its members and carries ``log`` of their
    mass as bias (``attention_bias``); evicted sets are dropped.
 
@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgemerge import policy
+from edgemerge.merging import policy
 from edgemerge.methods._build import identity, merged_cells, ranges_csr
 from edgemerge.methods.base import CompressedKV, CompressionMethod, KVSnapshot
 from edgemerge.reference.similarity import adjacent_similarity

@@ -30,7 +30,8 @@ import llama_cpp
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from edgemerge import kvstate, native
+from edgemerge import native
+from edgemerge.native import kvstate
 from edgemerge.recall.scoring import attention_shares, choose_blocks
 from edgemerge.recall.store import BlockStore, StoredBlock
 from edgemerge.reference import ggml_quants
@@ -173,7 +174,7 @@ class RecallEngine:
         layer_ids: tuple[int, ...],
         spill_dir: Path,
     ) -> None:
-        from edgemerge.capture import CaptureError, model_layout
+        from edgemerge.native.capture import CaptureError, model_layout
 
         try:
             layout = model_layout(model)

@@ -12,7 +12,7 @@ Cached keys and captured queries are post-RoPE: a vector at position ``p`` is
 The pairing is the style: ``"norm"`` (llama) pairs ``(2k, 2k + 1)``, ``"neox"``
 (qwen2, gemma3) pairs ``(k, k + n_rot / 2)``. Dimensions from ``n_rot`` on are not
 rotated. YaRN, LongRoPE, M-RoPE and per-frequency factor tensors are not described
-here (:func:`edgemerge.capture.model_layout` gives no :class:`Rope` for them).
+here (:func:`edgemerge.native.capture.model_layout` gives no :class:`Rope` for them).
 
 Every dimension ``i`` then has a frequency ``phi[i]`` (0 when unrotated), a partner
 ``partner[i]`` (itself when unrotated) and a sign (``-1`` for ``a_k``, ``+1`` for

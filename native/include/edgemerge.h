@@ -6,7 +6,7 @@
  * no further layer: the function that validates an argument is the one that knows
  * why it is wrong and says so.
  *
- * The Python bindings (edgemerge/native.py, cffi ABI mode) read their cdef from the
+ * The Python bindings (edgemerge/native/__init__.py, cffi ABI mode) read their cdef from the
  * text between the CDEF markers below, so that block must stay plain C declarations:
  * no macros, no preprocessor lines, no inline code. Constants the Python layer needs
  * are enum members there, so that they are written once.
@@ -45,7 +45,7 @@ enum edgemerge_limits {
      * largest finite value is 65504 (an integer, so it can be an enum member). */
     EDGEMERGE_BIAS_MAX = 65504,
     /* Tag of the optional section of merged cells in a saved state's stream block:
-     * "EGM1" as little-endian bytes (native/src/kv_state.cpp, edgemerge/kvstate.py). */
+     * "EGM1" as little-endian bytes (native/src/kv_state.cpp, edgemerge/native/kvstate.py). */
     EDGEMERGE_STATE_TAG = 0x314d4745
 };
 

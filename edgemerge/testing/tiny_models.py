@@ -25,9 +25,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgemerge.gguf_meta import read_header
+from edgemerge.merging.gguf_meta import read_header
 
-VOCAB_DIR = Path(__file__).resolve().parent / "data" / "vocab"
+VOCAB_DIR = Path(__file__).resolve().parents[1] / "data" / "vocab"  # edgemerge/data/vocab
 
 # Vocab-only GGUF (from llama.cpp's model collection) whose tokenizer each arch copies.
 VOCAB_FILES: dict[str, str] = {
@@ -310,5 +310,5 @@ def _random_tensors(config: TinyModelConfig, n_vocab: int) -> list[tuple[str, np
 
 
 def _read_gguf_metadata(path: Path) -> list[tuple[str, tuple[gguf.GGUFValueType, Any, Any]]]:
-    """All key/value pairs of a GGUF file, strings as bytes (see :mod:`edgemerge.gguf_meta`)."""
+    """All key/value pairs of a GGUF file, strings as bytes (:mod:`edgemerge.merging.gguf_meta`)."""
     return list(read_header(path).kvs.items())

@@ -1,10 +1,10 @@
-"""The online BlockMerge planner: the policy (:mod:`edgemerge.policy`) on a live cache.
+"""The online BlockMerge planner: the policy (:mod:`edgemerge.merging.policy`) on a live cache.
 
 It reads the small per-cell features the patched cache computes on its own backend
-(:func:`edgemerge.kvmerge.kv_features`, centred or not as the settings say) and the
-cell list (:func:`edgemerge.kvcells.list_cells`); the keys never come to the host.
-:func:`edgemerge.policy.plan` decides; this module only translates its cell
-indices into cache cells (:class:`edgemerge.kvmerge.MergeGroups`).
+(:func:`edgemerge.native.kvmerge.kv_features`, centred or not as the settings say) and the
+cell list (:func:`edgemerge.native.kvcells.list_cells`); the keys never come to the host.
+:func:`edgemerge.merging.policy.plan` decides; this module only translates its cell
+indices into cache cells (:class:`edgemerge.native.kvmerge.MergeGroups`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemerge import policy
-from edgemerge.kvcells import KVCells
-from edgemerge.kvmerge import KVFeatures, KVShape, MergeGroups, kv_features
-from edgemerge.policy import BudgetError, pair_error
+from edgemerge.merging import policy
+from edgemerge.merging.policy import BudgetError, pair_error
+from edgemerge.native.kvcells import KVCells
+from edgemerge.native.kvmerge import KVFeatures, KVShape, MergeGroups, kv_features
 from edgemerge.settings import MergeSettings
 
 __all__ = ["BlockMergePlanner", "BudgetError", "MergePlan", "pair_error"]
@@ -34,7 +34,7 @@ class MergePlan:
         errors: float32 [n_group] estimated relative error of each merged set.
         n_before: cells before the plan.
         n_after: cells after the plan.
-        policy: the plan in cell indices (:class:`edgemerge.policy.Plan`).
+        policy: the plan in cell indices (:class:`edgemerge.merging.policy.Plan`).
     """
 
     groups: MergeGroups
@@ -52,7 +52,7 @@ class BlockMergePlanner:
 
     Attributes:
         settings: the merge policy.
-        shape: the mergeable cache (from :func:`edgemerge.kvmerge.kv_shape`).
+        shape: the mergeable cache (from :func:`edgemerge.native.kvmerge.kv_shape`).
         layer_thresholds: float32 [n_layer] calibrated thresholds of the cache layers
             (required when ``settings.threshold == "calibrated"``).
     """

@@ -3,6 +3,17 @@
 The cdef is read from the installed ``edgemerge.h`` itself (the block between
 its CDEF markers), so the header stays the single source of truth, for the
 functions and for the constants (``lib().EDGEMERGE_BIAS_MAX`` and the like).
+
+The wrappers over the bindings and over llama.cpp's state are its submodules
+(attributes, imported on first use):
+
+- :mod:`~edgemerge.native.ops`: the ggml ops of the patch series, run in isolation.
+- :mod:`~edgemerge.native.kvcells`: per-cell bias, span and positions of a live cache.
+- :mod:`~edgemerge.native.kvmerge`: merge features and merges inside a live cache.
+- :mod:`~edgemerge.native.kvstate`: llama.cpp's per-sequence state, parsed and written.
+- :mod:`~edgemerge.native.capture`: a real model's KV cache, queries and attention mass.
+- ``_libpath`` (where the built libraries are; pointing llama-cpp-python at them) and
+  ``_llamalog`` (llama.cpp's log, filtered by the right levels).
 """
 
 from __future__ import annotations
@@ -10,10 +21,15 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cffi
+from edgemerge._lazy import lazy_submodules
+from edgemerge.native._libpath import INCLUDE_DIR, library_file
 
-from edgemerge._libpath import INCLUDE_DIR, library_file
+if TYPE_CHECKING:
+    import cffi
+
+__getattr__, __dir__ = lazy_submodules(globals())
 
 HEADER = INCLUDE_DIR / "edgemerge.h"
 _CDEF_RE = re.compile(r"/\* EDGEMERGE_CDEF_BEGIN \*/(.*?)/\* EDGEMERGE_CDEF_END \*/", re.S)
@@ -33,6 +49,9 @@ def cdef_from_header(path: Path = HEADER) -> str:
 
 @functools.cache
 def _ffi_lib() -> tuple[cffi.FFI, object]:
+    # cffi is imported here: `import edgemerge` imports this package (for _libpath).
+    import cffi
+
     ffi = cffi.FFI()
     ffi.cdef(cdef_from_header())
     # The same file llama-cpp-python loads (LLAMA_CPP_LIB_PATH), so both share one

@@ -6,7 +6,7 @@ the destination sequence to the source's cells, which then live while any sequen
 holds them.
 
 Every sealed block of a sequence is listed once, keyed by its chained prefix hash, as
-a shared :class:`~edgemerge.blocktable.Block`. A block knows its *holders* (sequences
+a shared :class:`~edgemerge.prefix.blocktable.Block`. A block knows its *holders* (sequences
 whose cells hold its positions; each holds a chain from block 0) and its ``ref_count``
 (how many holders are open). ``open(tokens)`` copies the longest run of the prompt's
 leading blocks from one holder (only blocks ending before the last prompt token, which
@@ -18,7 +18,7 @@ lies wholly inside the shared range.
 
 ``close(seq_id)`` releases the blocks; with ``keep=True`` the sequence is *parked*:
 its intact blocks stay at ``ref_count`` 0 for later opens, until evicted in the
-configured order (that of :class:`~edgemerge.blockcache.BlockCache`) when a decode
+configured order (that of :class:`~edgemerge.prefix.blockcache.BlockCache`) when a decode
 needs cells or ``open`` needs a sequence id. Eviction only removes cells of parked
 sequences, so it never frees a cell an open sequence holds.
 
@@ -41,10 +41,10 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvcells
-from edgemerge.blockcache import DEFAULT_EVICTION, eviction_key, eviction_order
-from edgemerge.blocktable import Block, BlockTable, merged_blocks
 from edgemerge.models import resolve_model
+from edgemerge.native import kvcells
+from edgemerge.prefix.blockcache import DEFAULT_EVICTION, eviction_key, eviction_order
+from edgemerge.prefix.blocktable import Block, BlockTable, merged_blocks
 from edgemerge.reference.hashing import prefix_block_hashes
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit (src/llama-cparams.h)

@@ -10,7 +10,7 @@ Three calls, each on the backend that holds the cache:
   its attention-mass bias and position span.
 
 ``ctx`` accepts a ``llama_cpp.Llama``, its ``LlamaContext`` or a raw pointer, as in
-:mod:`edgemerge.kvcells`.
+:mod:`edgemerge.native.kvcells`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemerge import native
-from edgemerge.kvcells import _context_pointer
+from edgemerge.native.kvcells import _context_pointer
 
 # enum edgemerge_merge_flags of edgemerge.h
 MERGE_MAGNITUDE = native.lib().EDGEMERGE_MERGE_MAGNITUDE

@@ -2,7 +2,7 @@
 
 An OpenAI-style client resends the whole history with every request. The server
 keeps one llama.cpp context and, beside it, the saved state of each conversation:
-:class:`ConversationCache` is a :class:`~edgemerge.blockcache.BlockCache` (so
+:class:`ConversationCache` is a :class:`~edgemerge.prefix.blockcache.BlockCache` (so
 ``Llama._create_completion`` drives it unchanged: it asks ``cache[prompt]`` before
 evaluating and stores ``cache[prompt + completion]`` after) that keeps **one entry per
 conversation**:
@@ -38,9 +38,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edgemerge import kvcells
-from edgemerge.blockcache import DEFAULT_EVICTION, BlockCache, RamBackend
 from edgemerge.llama import Llama
+from edgemerge.native import kvcells
+from edgemerge.prefix.blockcache import DEFAULT_EVICTION, BlockCache, RamBackend
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -59,7 +59,7 @@ class ConversationCache(BlockCache):
         block_size: tokens per block of the prefix hashes (reuse is block-granular).
         namespace: mixed into the hashes; one per model.
         eviction: the order idle conversations are dropped in (see
-            :class:`~edgemerge.blockcache.BlockCache`).
+            :class:`~edgemerge.prefix.blockcache.BlockCache`).
     """
 
     def __init__(

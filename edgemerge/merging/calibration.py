@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemerge.gguf_meta import read_header
+from edgemerge.merging.gguf_meta import read_header
 from edgemerge.settings import CALIBRATED, MergeSettings
 
 VERSION = 1
@@ -117,7 +117,7 @@ def calibrate(
     runtime computes, so the stored settings record it and ``edgemerge.Llama``
     refuses a calibration made with the other choice.
     """
-    from edgemerge.capture import capture_kv
+    from edgemerge.native.capture import capture_kv
     from edgemerge.reference.similarity import adjacent_similarity
 
     base = settings or MergeSettings()

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The package root (edgemerge/), which the build installs lib/, include/ and data/ into.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 # Developer override: EDGEMERGE_LIB_DIR names a folder of native libraries built
 # outside the package (e.g. a scratch build of a new patch), laid out like the

@@ -45,8 +45,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_cache import BaseLlamaCache
 
-from edgemerge import kvstate
-from edgemerge.blocktable import Block, BlockTable
+from edgemerge.native import kvstate
+from edgemerge.prefix.blocktable import Block, BlockTable
 from edgemerge.reference.hashing import prefix_block_hashes
 
 EVICTION_CRITERIA = ("refcount", "lru", "position")
@@ -74,7 +74,7 @@ def eviction_order(eviction: Sequence[str]) -> tuple[str, ...]:
 def eviction_key(order: Sequence[str], *, refcount: int, last_use: float, depth: int) -> tuple:
     """Sort key of one eviction candidate under ``order``: the smallest goes first.
 
-    Shared by :class:`BlockCache` (entries) and :mod:`edgemerge.sequences` (blocks).
+    Shared by :class:`BlockCache` (entries) and :mod:`edgemerge.prefix.sequences` (blocks).
     """
     parts = {
         "refcount": refcount,

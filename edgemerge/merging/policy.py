@@ -2,10 +2,10 @@
 
 Both BlockMerges run this one function, :func:`plan`:
 
-- online, :class:`edgemerge.planner.BlockMergePlanner` feeds it the features the
-  patched cache computes on its own backend (:func:`edgemerge.kvmerge.kv_features`)
-  and the cell list (:func:`edgemerge.kvcells.list_cells`), and turns the plan into
-  :class:`edgemerge.kvmerge.MergeGroups`;
+- online, :class:`edgemerge.merging.planner.BlockMergePlanner` feeds it the features the
+  patched cache computes on its own backend (:func:`edgemerge.native.kvmerge.kv_features`)
+  and the cell list (:func:`edgemerge.native.kvcells.list_cells`), and turns the plan into
+  :class:`edgemerge.native.kvmerge.MergeGroups`;
 - offline, :class:`edgemerge.methods.blockmerge.BlockMerge` computes the same
   features from a captured :class:`~edgemerge.methods.base.KVSnapshot`
   (:func:`edgemerge.methods.blockmerge.snapshot_features`) and applies the plan

@@ -47,7 +47,7 @@ def _print_filtered(level: int, text: bytes, _user_data: ctypes.c_void_p) -> Non
 
 def set_verbose(verbose: bool) -> None:
     """What ``llama_cpp.Llama(verbose=...)`` does to the log, for code that drives llama.cpp
-    without a ``Llama`` (edgemerge.capture)."""
+    without a ``Llama`` (edgemerge.native.capture)."""
     _LOGGER.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 

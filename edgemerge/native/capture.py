@@ -10,7 +10,7 @@ How each is obtained:
 
 K/V and positions
     After decoding, the sequence's state is read with ``llama_state_seq_get_data``,
-    parsed by :mod:`edgemerge.kvstate` and dequantized to float32, so the arrays are
+    parsed by :mod:`edgemerge.native.kvstate` and dequantized to float32, so the arrays are
     exactly what the cache holds (f16/q8_0/q4_0 rounding included).
 
 Queries and attention mass
@@ -69,9 +69,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from edgemerge import _llamalog, kvstate
-from edgemerge._libpath import library_file
 from edgemerge.methods.base import KVSnapshot
+from edgemerge.native import _llamalog, kvstate
+from edgemerge.native._libpath import library_file
 from edgemerge.reference import ggml_quants
 from edgemerge.reference.rope import Rope
 
