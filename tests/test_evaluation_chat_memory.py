@@ -150,3 +150,20 @@ def test_merging_row_holds_its_budget(tiny_qwen2_path: Path, case: cm.ChatMemory
     assert stats.compressions > 0 and stats.merges > 0
     assert np.isfinite(result.answer_nll) and result.answer_nll > 0
     assert result.kv_bytes == result.final_cells * stats.bytes_per_cell
+
+
+def test_a_base_model_is_fed_the_chats_transcript(tmp_path: Path, case: cm.ChatMemoryCase) -> None:
+    # no chat template: the chat's User/Assistant transcript, not llama-2's [INST] fallback
+    from edgemerge.chat import transcript
+    from edgemerge.testing.tiny_models import write_tiny_model
+
+    path = write_tiny_model(tmp_path / "base.gguf", "qwen2", chat_template=False)
+    llm = cm.llm_factory(path, n_ctx=2048, n_batch=64, n_threads=2)()
+    try:
+        result = cm.run_chat_memory(llm, case, max_new_tokens=4)
+        fed = llm.detokenize(llm.input_ids[: result.prompt_tokens].tolist()).decode()
+    finally:
+        llm.close()
+    assert "[INST]" not in fed
+    assert fed.endswith(transcript(case.conversation()))
+    assert np.isfinite(result.answer_nll)

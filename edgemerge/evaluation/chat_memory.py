@@ -14,7 +14,9 @@ The ``dev`` and ``confirm`` splits draw from disjoint documents and from differe
 
 Scoring (:func:`run_chat_memory`) drives an ``edgemerge.Llama`` the way ``edgemerge
 chat`` does: one ``create_chat_completion`` call per user turn, the conversation so
-far as its messages, so llama-cpp-python's prefix reuse feeds only the new turn and a
+far as its messages (for a base model without a chat template, Gemma 3 270M as
+shipped, one completion of the chat's User/Assistant transcript instead, as the chat
+runs it), so llama-cpp-python's prefix reuse feeds only the new turn and a
 merging cache holds its budget the whole time. Feeding turns generate one token, which
 is dropped: the canned reply takes its place. The question is answered greedily
 (correct when the answer occurs in the reply, case-insensitively); then the cache is
@@ -544,6 +546,21 @@ def run_chat_memory(
         ValueError: from llama-cpp-python when the conversation does not fit the
             context; SettingsError from a merging Llama whose budget cannot hold a turn.
     """
+    from edgemerge.chat import TRANSCRIPT, TRANSCRIPT_STOP, chat_mode, transcript
+
+    # the chat's own rule: the GGUF's template, or a plain transcript for a base model
+    as_transcript = chat_mode(llm) == TRANSCRIPT
+
+    def reply_to(history: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
+        greedy = {"max_tokens": max_tokens, "temperature": 0.0, "repeat_penalty": 1.0}
+        if as_transcript:
+            out = llm.create_completion(transcript(history), stop=TRANSCRIPT_STOP, **greedy)
+            text = out["choices"][0]["text"]
+        else:
+            out = llm.create_chat_completion(messages=history, **greedy)
+            text = out["choices"][0]["message"]["content"]
+        return (text or "").strip(), int(out["usage"]["prompt_tokens"])
+
     history: list[dict[str, str]] = []
     peak = 0
     for message in case.messages:
@@ -552,16 +569,10 @@ def run_chat_memory(
             continue
         # one call per user turn, as the chat makes it; the canned reply replaces the
         # token generated here (never evaluated) in the next call's prompt
-        llm.create_chat_completion(
-            messages=history, max_tokens=1, temperature=0.0, repeat_penalty=1.0
-        )
+        reply_to(history, 1)
         peak = max(peak, _n_cells(llm))
     history.append({"role": "user", "content": case.question})
-    response = llm.create_chat_completion(
-        messages=history, max_tokens=max_new_tokens, temperature=0.0, repeat_penalty=1.0
-    )
-    reply = response["choices"][0]["message"]["content"] or ""
-    n_prompt = int(response["usage"]["prompt_tokens"])
+    reply, n_prompt = reply_to(history, max_new_tokens)
     correct = normalise(case.answer) in normalise(reply)
     # Rewind to the question's last token and force the answer after it, one token per
     # decode so that each step's logits are the only ones llama.cpp keeps.
