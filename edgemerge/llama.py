@@ -58,6 +58,7 @@ class MergeStats:
         recall_turns: prompts that ran recall; recall_hits: those that brought blocks back.
         blocks_restored: blocks brought back in all.
         recall_time_s: seconds spent storing, scoring and restoring (incl. re-evaluation).
+        tokens_reevaluated: prompt tokens evaluated a second time after a restore.
     """
 
     cells: int
@@ -79,6 +80,7 @@ class MergeStats:
     recall_hits: int = 0
     blocks_restored: int = 0
     recall_time_s: float = 0.0
+    tokens_reevaluated: int = 0
 
 
 _llamalog.install()  # llama-cpp-python's own log filter mixes up ggml's levels
@@ -157,6 +159,7 @@ class Llama(llama_cpp.Llama):
             + row_bytes(int(ctx_params.type_v), self._shape.n_head_kv * self._shape.head_dim_v)
         )
         self._recall_time = 0.0
+        self._reevaluated = 0
         self._set_recall(merge)
 
     def _set_recall(self, merge: MergeSettings) -> None:
@@ -283,6 +286,7 @@ class Llama(llama_cpp.Llama):
                 self.n_tokens = p0
                 for i in range(0, r, self.n_batch):
                     super().eval(again[i : i + self.n_batch])
+                self._reevaluated += r
         self._recall_time += time.perf_counter() - t0
 
     def _span_aware_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
@@ -382,6 +386,7 @@ class Llama(llama_cpp.Llama):
                 recall_hits=self._recall.hits,
                 blocks_restored=self._recall.blocks_restored,
                 recall_time_s=self._recall_time,
+                tokens_reevaluated=self._reevaluated,
             )
         return MergeStats(
             cells=cells,

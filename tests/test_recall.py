@@ -245,6 +245,10 @@ def test_budget_holds_and_stored_rows_come_back_byte_identical(tiny_qwen2_path):
     st = llm.merge_stats()
     assert st.recall_turns >= 14 and st.store_positions > 0 and st.store_ram_bytes > 0
     assert seen_restore, "no turn brought a block back"
+    # each turn that restored re-evaluated the prompt's last min(reeval, recent - 1) tokens
+    assert (
+        st.tokens_reevaluated >= st.recall_hits * min(RECALL.recall_reeval, RECALL.recent - 1) > 0
+    )
 
     # force one restore of a known block and compare bytes with what was stored
     b = engine.store.blocks()[0]

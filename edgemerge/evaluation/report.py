@@ -347,6 +347,10 @@ def render(
         "",
         "Written by `edgemerge bench`; rerun it rather than editing the numbers.",
         "",
+        "Chat memory (a fact said in an early turn, asked many turns later, through the "
+        "chat's own path, with paired intervals on a dev and a confirm split) is in "
+        "`docs/chat_memory.md`, written by `edgemerge bench --task chat-memory`.",
+        "",
         f"- command: `{command}`",
         f"- machine: {machine}",
         f"- budgets: {', '.join(f'{b}%' for b in config.budgets)} of the context's cells; "

@@ -218,11 +218,20 @@ class ServedLlama(Llama, _CountingEval):
     def eval(self, tokens: Sequence[int]) -> None:
         first = getattr(self, "_req_eval_calls", None) == 0
         before = self._tokens_evaluated
+        again = self._reevaluated_so_far()
         super().eval(tokens)
         if first:
             self._req_eval_calls = 1
-            self._req_prompt_evaluated = self._tokens_evaluated - before
+            # recall's second pass over the prompt's last tokens is not prompt work
+            self._req_prompt_evaluated = (
+                self._tokens_evaluated - before - (self._reevaluated_so_far() - again)
+            )
             self._req_prompt_cached = self.n_tokens - self._req_prompt_evaluated
+
+    def _reevaluated_so_far(self) -> int:
+        if self.merge_settings is None or not self.merge_settings.recall:
+            return 0
+        return self.merge_stats().tokens_reevaluated
 
     def _merge_counters(self) -> tuple[int, int, int]:
         if self.merge_settings is None:
