@@ -91,16 +91,20 @@ def config_from_args(args: argparse.Namespace) -> suite.SuiteConfig:
     if args.no_rss:
         changes["rss"] = False
     if args.rows:
-        known = [r.label for r in config.rows]
-        unknown = [label for label in args.rows if label not in known]
-        if unknown:
-            raise ValueError(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(known)}")
+        check_rows(args.rows, [r.label for r in config.rows])
         changes["rows"] = tuple(r for r in config.rows if r.label in args.rows)
         if config.streaming_rows is not None:
             changes["streaming_rows"] = tuple(x for x in config.streaming_rows if x in args.rows)
     if args.merge:
         changes["merge"] = tuple(_merge_field(text) for text in args.merge)
     return suite.replace(config, **changes)
+
+
+def check_rows(given: Sequence[str], known: Sequence[str]) -> None:
+    """``--rows`` names only rows that exist; the error lists them."""
+    unknown = [label for label in given if label not in known]
+    if unknown:
+        raise ValueError(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(known)}")
 
 
 def _merge_field(text: str) -> tuple[str, object]:

@@ -524,10 +524,9 @@ def config_from_args(
     if args.seed is not None:
         changes["seed"] = args.seed
     if args.rows:
-        known = [r.label for r in ROWS]
-        unknown = [label for label in args.rows if label not in known]
-        if unknown:
-            raise ValueError(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(known)}")
+        from edgemerge.evaluation.bench_cli import check_rows
+
+        check_rows(args.rows, [r.label for r in ROWS])
         if "full" not in args.rows:
             raise ValueError("--rows: the chat-memory table pairs every row with 'full'; keep it")
         changes["rows"] = tuple(r for r in ROWS if r.label in args.rows)
