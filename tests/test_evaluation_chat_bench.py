@@ -166,3 +166,11 @@ def test_cell_budgets_and_decode_speed(
     assert [s.name for s in summaries] == ["full", "blockmerge @300 cells"]
     (line,) = cb.infeasible(cells, jobs, cache)
     assert line.startswith("- blockmerge @100 cells: not run (budget: 100 leaves")
+
+
+def test_every_merging_row_says_whether_it_recalls() -> None:
+    # a row's meaning (and its cached results) must not follow a changed default
+    for row in cb.ROWS:
+        if row.merge is not None:
+            assert isinstance(row.merge.get("recall"), bool), row.label
+            assert row.merge["recall"] == ("recall" in row.label), row.label

@@ -36,6 +36,10 @@ from edgemerge.evaluation.texts import FidelityInputError
 
 # eviction only: nothing is close enough to merge, no cell is kept for its distinctness
 _EVICT = {"max_merge_error": 1e-6, "retain_top": 0.0}
+# every row says whether it recalls: the default changed once and must not again
+# change what a row (and its cached results) means
+_NO_RECALL = {"recall": False}
+_RECALL = {"recall": True}
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,11 @@ ROWS: tuple[ChatRow, ...] = (
     ChatRow("full"),
     ChatRow("full q8_0", "q8_0"),
     ChatRow("full q4_0", "q4_0"),
-    ChatRow("evict", merge=_EVICT),
-    ChatRow("evict+recall", merge={**_EVICT, "recall": True}, product=True),
-    ChatRow("blockmerge", merge={}, product=True),
-    ChatRow("blockmerge+recall", merge={"recall": True}, product=True),
-    ChatRow("blockmerge+recall q8_0", "q8_0", merge={"recall": True}, product=True),
+    ChatRow("evict", merge={**_EVICT, **_NO_RECALL}),
+    ChatRow("evict+recall", merge={**_EVICT, **_RECALL}, product=True),
+    ChatRow("blockmerge", merge=_NO_RECALL, product=True),
+    ChatRow("blockmerge+recall", merge=_RECALL, product=True),
+    ChatRow("blockmerge+recall q8_0", "q8_0", merge=_RECALL, product=True),
 )
 QUICK_ROWS = ("full", "full q4_0", "evict", "blockmerge", "blockmerge+recall")
 
