@@ -357,14 +357,17 @@ def native_llama(
     ``recent``: the merge settings' recent window. ``slack``: cells allowed above the
     budget before merging (default: the library's); quality runs use 0 so that a
     merging row never scores more cells than its budget. ``merge_fields``: other
-    MergeSettings fields (``SuiteConfig.merge``).
+    MergeSettings fields (``SuiteConfig.merge``); recall is off unless they turn it on.
     """
     import edgemerge
 
     type_id = ggml_type(cache_type).type_id
     merge = None
     if budget is not None:
-        merge = MergeSettings(**{**dict(merge_fields or {}), "budget": budget, "recent": recent})
+        # the suite measures what the cache keeps without recall (the working set);
+        # `--merge recall=true` measures the product's default on these tasks
+        fields = {"recall": False, **dict(merge_fields or {})}
+        merge = MergeSettings(**{**fields, "budget": budget, "recent": recent})
         if slack is not None:
             merge = dataclasses.replace(merge, slack=slack)
     return edgemerge.Llama(
