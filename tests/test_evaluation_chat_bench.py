@@ -174,3 +174,13 @@ def test_every_merging_row_says_whether_it_recalls() -> None:
         if row.merge is not None:
             assert isinstance(row.merge.get("recall"), bool), row.label
             assert row.merge["recall"] == ("recall" in row.label), row.label
+
+
+def test_cache_file_names_keep_the_model_name_whole() -> None:
+    # "qwen2.5-coder-0.5b" once lost ".5b" to Path.stem, so two such names would share one file
+    a = cb.default_cache(cb.ChatBenchConfig(model="qwen2.5-coder-0.5b"))
+    b = cb.default_cache(
+        cb.ChatBenchConfig(model="/models/qwen2.5-coder-0.5b.gguf", split="confirm")
+    )
+    assert a.name == "chat_memory-qwen2.5-coder-0.5b-dev.jsonl"
+    assert b.name == "chat_memory-qwen2.5-coder-0.5b-confirm.jsonl"

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ class Job:
     case: cm.ChatMemoryCase
     row: ChatRow
     budget: int | None
-    settings: dict[str, object] | None = field(default=None)
+    settings: dict[str, object] | None = None
 
     def key(self, config: ChatBenchConfig) -> str:
         """What the cached result depends on: the case, the row's settings and chunking."""
@@ -540,7 +540,9 @@ def config_from_args(
 def default_cache(config: ChatBenchConfig) -> Path:
     from edgemerge.models import cache_dir
 
-    stem = Path(str(config.model)).stem.replace(os.sep, "_")
+    # a registry name keeps its dots ("qwen2.5-coder-0.5b"); a path loses .gguf
+    name = Path(str(config.model)).name
+    stem = name[: -len(".gguf")] if name.endswith(".gguf") else name
     return cache_dir() / "bench" / f"chat_memory-{stem}-{config.split}.jsonl"
 
 

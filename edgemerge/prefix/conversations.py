@@ -218,7 +218,7 @@ class ServedLlama(Llama, _CountingEval):
     def eval(self, tokens: Sequence[int]) -> None:
         first = getattr(self, "_req_eval_calls", None) == 0
         before = self._tokens_evaluated
-        again = self._reevaluated_so_far()
+        again = self._reevaluated_so_far() if first else 0  # only the prompt's eval asks
         super().eval(tokens)
         if first:
             self._req_eval_calls = 1

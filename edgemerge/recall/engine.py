@@ -28,7 +28,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from edgemerge import native
 from edgemerge.native import kvstate
@@ -182,6 +182,7 @@ class RecallEngine:
             raise RecallError(f"recall: {err}; use recall=False for this model") from err
         self.ctx = ctx
         self.settings = settings
+        self._blas = ThreadpoolController()  # scans the loaded libraries once
         self.layer_ids = tuple(int(i) for i in layer_ids)
         self.attn_scale = layout.attn_scale
         self.n_head = layout.n_head
@@ -286,9 +287,9 @@ class RecallEngine:
         sizes = np.array([entries[b].positions.size for b in order])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
         # BLAS gets the context's thread count: its own default (every core) fights the
-        # llama.cpp threadpool for the same cores and made scoring several times slower
+        # llama.cpp threadpool for the same cores and made scoring several times slower under load
         threads = max(1, int(llama_cpp.llama_n_threads_batch(self.ctx)))
-        with threadpool_limits(limits=threads, user_api="blas"):
+        with self._blas.limit(limits=threads, user_api="blas"):
             block_score, cell_score = attention_shares(
                 q, self.attn_scale, cache_keys, bias, self._keys(store_k, k_type, width), starts
             )
