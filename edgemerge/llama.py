@@ -171,6 +171,11 @@ class Llama(llama_cpp.Llama):
                 merge,
                 tuple(self._shape.layer_ids),
                 cache_dir() / "store",
+                cache_types=(int(self.context_params.type_k), int(self.context_params.type_v)),
+                row_widths=(
+                    self._shape.n_head_kv * self._shape.head_dim_k,
+                    self._shape.n_head_kv * self._shape.head_dim_v,
+                ),
             )
         elif merge.recall:
             self._recall.settings = merge
@@ -202,9 +207,10 @@ class Llama(llama_cpp.Llama):
         if self._planner is None:
             raise SettingsError("merging is off for this Llama; build one with merge=...")
         self._check_fits(merge)
-        self._planner = BlockMergePlanner(merge, self._shape, self._planner.layer_thresholds)
+        planner = BlockMergePlanner(merge, self._shape, self._planner.layer_thresholds)
+        self._set_recall(merge)  # may refuse (store_type); nothing has changed yet then
+        self._planner = planner
         self.merge_settings = merge
-        self._set_recall(merge)
 
     def _calibrated_thresholds(self, path: Path) -> np.ndarray:
         from edgemerge.merging.calibration import read_calibration

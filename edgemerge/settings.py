@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 Eviction = Literal["position", "none"]
+StoreType = Literal["cache", "q8_0"]
+STORE_TYPES = ("cache", "q8_0")
 CALIBRATED = "calibrated"
 LATTER_HALF = "latter_half"
 
@@ -77,6 +79,12 @@ class MergeSettings:
             ``recent - 1`` of them, since older cells may have been merged or evicted.
         store_ram_mb: MiB of stored blocks kept in RAM; the rest spills to a file under
             the cache directory.
+        store_type: how the store keeps the original rows: "cache" in the cache's own type,
+            so a restore is byte-identical; "q8_0" re-encodes the rows of an f32/f16/bf16
+            cache as q8_0 (about 1.9x less host memory than f16; a restored value is within
+            half a q8_0 step of its original), and keeps a quantized cache's rows as they
+            are. q8_0 needs K and V rows whose width is a multiple of 32; a model without
+            that fails when recall starts.
     """
 
     budget: int | float = 0.5
@@ -99,6 +107,7 @@ class MergeSettings:
     recall_threshold: float = 0.0
     recall_reeval: int = 32
     store_ram_mb: int = 512
+    store_type: StoreType = "cache"
 
     def __post_init__(self) -> None:
         _check_budget(self.budget)
@@ -143,6 +152,11 @@ class MergeSettings:
         _check_float("recall_threshold", self.recall_threshold, 0.0, 1.0, hi_open=True)
         _check_int("recall_reeval", self.recall_reeval, 0, 4096)
         _check_int("store_ram_mb", self.store_ram_mb, 0, 1 << 24)
+        if self.store_type not in STORE_TYPES:
+            raise SettingsError(
+                f"store_type: {self.store_type!r} is not one of "
+                f"{', '.join(repr(t) for t in STORE_TYPES)}"
+            )
 
     def budget_cells(self, logical_tokens: int) -> int:
         """The cell budget for a sequence of ``logical_tokens`` tokens."""

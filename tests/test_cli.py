@@ -156,7 +156,7 @@ def test_chat_flags_build_the_settings_they_name():
         "--budget", "300", "--block-size", "8", "--sinks", "4", "--recent", "64",
         "--threshold", "0.25", "--similarity-layers", "1,3", "--retain-top", "0.1",
         "--sigma", "2.5", "--no-magnitude", "--no-attention-bias", "--slack", "8",
-        "--max-merge-error", "0.3", "--eviction", "none",
+        "--max-merge-error", "0.3", "--eviction", "none", "--store-type", "q8_0",
     ]  # fmt: skip
     settings = merge_settings_from_args(chat_args(*given))
     assert settings == MergeSettings(
@@ -173,6 +173,7 @@ def test_chat_flags_build_the_settings_they_name():
         slack=8,
         max_merge_error=0.3,
         eviction="none",
+        store_type="q8_0",
     )
     # a flag left out keeps the MergeSettings default; the budget's default is the chat's
     defaults = merge_settings_from_args(chat_args())
@@ -208,6 +209,7 @@ def test_chat_flags_build_the_settings_they_name():
         (["--slack", "-4"], "slack"),
         (["--max-merge-error", "5"], "max_merge_error"),
         (["--eviction", "lru"], "eviction"),
+        (["--store-type", "q4_0"], "store_type"),
         (["--n-ctx", "256"], "budget"),  # the default budget would be below one cell
     ],
 )

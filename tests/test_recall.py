@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import textwrap
 import warnings
@@ -14,10 +15,12 @@ from edgemerge.native import kvcells
 from edgemerge.recall import (
     BlockStore,
     QueryCapture,
+    RowFormat,
     StoreWarning,
     attention_shares,
     choose_blocks,
 )
+from edgemerge.reference import ggml_quants as gq
 
 N_CTX = 256
 RECALL = MergeSettings(
@@ -31,6 +34,7 @@ RECALL = MergeSettings(
     recall_blocks=4,
     recall_reeval=8,
 )
+Q8 = dataclasses.replace(RECALL, store_type="q8_0")
 # Python's own source: on every machine that runs these tests
 TEXT = inspect.getsource(textwrap) + inspect.getsource(warnings)
 
@@ -128,6 +132,128 @@ def test_a_corrupt_spill_file_warns_and_loses_only_those_blocks(tmp_path):
     assert store.blocks() == [] and store.stats().lost == 8
 
 
+# -- q8_0 rows ---------------------------------------------------------------------------
+
+
+def float_rows(rng, qtype, n_layer, m, width, scale=1.0):
+    """Rows of ``qtype`` encoding normal values with a few outliers (real K has them)."""
+    x = rng.standard_normal((n_layer, m, width)).astype(np.float32) * scale
+    x[..., ::17] *= 40
+    return gq.quantize_rows(x, qtype)
+
+
+def q8_round_trip(rows, qtype, width):
+    """The cache ``qtype``'s encoding of the q8_0 values of ``rows``, by ggml_quants alone."""
+    q8 = gq.quantize_rows(gq.dequantize_rows(rows, qtype, width), gq.GGML_TYPE_Q8_0)
+    return gq.quantize_rows(gq.dequantize_rows(q8, gq.GGML_TYPE_Q8_0, width), qtype)
+
+
+def assert_within_q8_step(restored, original, qtype, width):
+    """|x - x'| <= half a q8_0 step (amax / 127 / 2, amax of the 32-value block) plus the
+    f16 rounding of the block's scale (127 codes times half an f16 ulp of it) and the
+    rounding of the restored value to the cache type (half its ulp)."""
+    x = gq.dequantize_rows(original, qtype, width)
+    y = gq.dequantize_rows(restored, qtype, width)
+    assert np.all(np.isfinite(y))
+    amax = np.abs(x.reshape(*x.shape[:-1], -1, 32)).max(-1, keepdims=True)
+    f16_eps = 2.0**-11  # half an ulp, relative
+    out_eps = {"f32": 2.0**-24, "f16": f16_eps, "bf16": 2.0**-8}[gq.type_name(qtype)]
+    bound = amax / 127 / 2 + 127 * (amax / 127) * f16_eps + amax * out_eps + 2.0**-24
+    err = np.abs(x - y).reshape(bound.shape[:-1] + (32,))
+    assert np.all(err <= bound * (1 + 1e-6)), float((err / bound).max())
+    return float((err / (amax / 127)).max())  # the worst error in q8_0 steps
+
+
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "f32"])
+def test_q8_store_restores_the_q8_values_of_float_rows(tmp_path, qtype):
+    rng = np.random.default_rng(5)
+    t, width = gq.ggml_type(qtype).type_id, 64
+    fmt = RowFormat.choose(t, width, "q8_0")
+    assert fmt.store_type == gq.GGML_TYPE_Q8_0
+    store = BlockStore(4, 1 << 20, tmp_path, fmt, fmt)
+    k, v = float_rows(rng, t, 2, 6, width), float_rows(rng, t, 2, 6, width, 0.01)
+    pos = np.arange(6, dtype=np.int32)
+    store.put(pos, pos, k, v)
+    e = store.get(0)
+    assert e.k.shape == (2, 4, 2 * 34)  # two q8_0 blocks of 34 bytes per row
+    back_k, back_v = store.cache_rows(e)
+    np.testing.assert_array_equal(back_k, q8_round_trip(k[:, :4], t, width))
+    np.testing.assert_array_equal(back_v, q8_round_trip(v[:, :4], t, width))
+    steps = assert_within_q8_step(back_k, k[:, :4], t, width)
+    assert 0.1 < steps <= 0.6  # it did quantize: not byte-identical, within half a step
+    assert_within_q8_step(back_v, v[:, :4], t, width)
+    # scoring reads the stored keys as their q8_0 values (before the cache type's rounding)
+    values = fmt.values(e.k)
+    np.testing.assert_array_equal(values, gq.dequantize_rows(e.k, gq.GGML_TYPE_Q8_0, width))
+    np.testing.assert_allclose(values, gq.dequantize_rows(back_k, t, width), rtol=2.0**-8)
+
+
+def test_q8_store_keeps_a_quantized_cache_and_the_default_as_they_are():
+    for t in (gq.GGML_TYPE_Q8_0, gq.GGML_TYPE_Q4_0):
+        assert RowFormat.choose(t, 64, "q8_0").identity
+    assert RowFormat.choose(gq.GGML_TYPE_F16, 64, "cache").identity
+    with pytest.raises(ValueError, match="multiple of the q8_0 block size"):
+        RowFormat(gq.GGML_TYPE_F16, gq.GGML_TYPE_Q8_0, 48)
+
+
+def test_q8_store_never_fails_or_restores_inf_on_extreme_values():
+    x = np.zeros((1, 1, 64), np.float32)
+    x[..., 0], x[..., 1], x[..., 2], x[..., 33] = np.inf, np.nan, -np.inf, 65504.0
+    rows = gq.quantize_rows(x, "f16")
+    fmt = RowFormat.choose(gq.GGML_TYPE_F16, 64, "q8_0")
+    back = gq.dequantize_rows(fmt.decode(fmt.encode(rows)), "f16", 64)
+    assert np.all(np.isfinite(back))
+    assert back[0, 0, 1] == 0  # NaN has no code: 0
+    assert back[0, 0, 0] == -back[0, 0, 2] == 65504.0  # +-inf: the largest finite f16
+    assert back[0, 0, 33] == 65504.0  # 127 * f16(65504 / 127) = 65532 would be inf in f16
+
+
+def test_q8_spill_file_round_trips_and_detects_corruption(tmp_path):
+    rng = np.random.default_rng(6)
+    fmt = RowFormat.choose(gq.GGML_TYPE_F16, 32, "q8_0")
+    ram = BlockStore(4, 1 << 20, tmp_path / "ram", fmt, fmt)
+    disk = BlockStore(4, 0, tmp_path / "disk", fmt, fmt)
+    pos = np.arange(8, dtype=np.int32)
+    k, v = float_rows(rng, gq.GGML_TYPE_F16, 2, 8, 32), float_rows(rng, gq.GGML_TYPE_F16, 2, 8, 32)
+    for s in (ram, disk):
+        s.put(pos, pos, k, v)
+    st = disk.stats()
+    assert st.ram_bytes == 0 and st.disk_bytes == 2 * (4 * 4 * 2 + 2 * 2 * 4 * 34)
+    for b in (0, 1):
+        a, d = ram.get(b), disk.get(b)
+        np.testing.assert_array_equal(a.k, d.k)
+        np.testing.assert_array_equal(a.v, d.v)
+    (spill,) = (tmp_path / "disk").iterdir()
+    data = bytearray(spill.read_bytes())
+    data[-3] ^= 0xFF  # inside block 1's V rows
+    spill.write_bytes(bytes(data))
+    with pytest.warns(StoreWarning, match="block 1 is unreadable"):
+        assert disk.get(1) is None
+    assert disk.get(0) is not None
+
+
+def test_recode_converts_held_blocks_ram_and_spilled(tmp_path):
+    rng = np.random.default_rng(7)
+    t = gq.GGML_TYPE_F16
+    plain, q8 = RowFormat.choose(t, 32, "cache"), RowFormat.choose(t, 32, "q8_0")
+    store = BlockStore(4, 600, tmp_path, plain, plain)  # one 512-byte block fits in RAM
+    pos = np.arange(12, dtype=np.int32)
+    k, v = float_rows(rng, t, 1, 12, 32), float_rows(rng, t, 1, 12, 32)
+    store.put(pos, pos, k, v)
+    st = store.stats()
+    assert st.disk_bytes > 0 and st.ram_bytes > 0
+    store.recode(q8, q8)
+    for b in range(3):
+        e = store.get(b)
+        assert e.k.shape[-1] == 34
+        back_k, back_v = store.cache_rows(e)
+        np.testing.assert_array_equal(back_k, q8_round_trip(k[:, 4 * b : 4 * b + 4], t, 32))
+        np.testing.assert_array_equal(back_v, q8_round_trip(v[:, 4 * b : 4 * b + 4], t, 32))
+    store.recode(plain, plain)  # back to the cache's type: the q8_0 values, as f16
+    e = store.get(2)
+    np.testing.assert_array_equal(e.k, q8_round_trip(k[:, 8:12], t, 32))
+
+
 # -- scoring ---------------------------------------------------------------------------
 
 
@@ -189,6 +315,11 @@ def test_recall_settings_are_validated():
     with pytest.raises(SettingsError, match="recall_threshold"):
         MergeSettings(recall_threshold=1.0)
     assert MergeSettings.from_dict(RECALL.to_dict()) == RECALL
+    assert MergeSettings().store_type == "cache"  # byte-identical restores unless asked
+    assert MergeSettings.from_dict(Q8.to_dict()) == Q8
+    for bad in ("q4_0", "Q8_0", "f16", None, 8):
+        with pytest.raises(SettingsError, match=r"store_type: .* is not one of 'cache', 'q8_0'"):
+            MergeSettings(store_type=bad)
 
 
 # -- on the real runtime ---------------------------------------------------------------
@@ -306,4 +437,82 @@ def test_recall_off_has_no_store_and_the_same_stats_fields(tiny_qwen2_path):
     assert llm._recall is None and st.store_positions == 0 and st.recall_turns == 0
     llm.set_merge_settings(RECALL)
     assert llm._recall is not None
+    llm.close()
+
+
+@pytest.mark.parametrize("qtype", ["f16", "f32"])
+def test_q8_store_restores_q8_values_and_stores_fewer_bytes(tiny_qwen2_path, qtype):
+    """store_type="q8_0" on a live float cache (transposed V: flash attention is off)."""
+    t = gq.ggml_type(qtype).type_id
+    llm = make(tiny_qwen2_path, merge=Q8, type_k=t, type_v=t)
+    engine = llm._recall
+    assert engine.store.k_format.store_type == gq.GGML_TYPE_Q8_0
+    originals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    real_put = engine.store.put
+
+    def recording_put(positions, tokens, k, v):
+        held = {int(p) for b in engine.store.blocks() for p in engine.store.get(b).positions}
+        for i, p in enumerate(positions.tolist()):
+            if p not in held:  # a position already held keeps its first rows
+                originals[p] = (k[:, i].copy(), v[:, i].copy())
+        real_put(positions, tokens, k, v)
+
+    engine.store.put = recording_put
+    toks = llm.tokenize(TEXT.encode())[:600]
+    llm.eval(toks)
+    q8_stats = llm.merge_stats()
+    assert q8_stats.store_positions > 0
+
+    b = engine.store.blocks()[0]
+    before = engine.store.get(b)
+    assert before.k.shape[-1] == 34 and before.v.shape[-1] == 34  # 32 values per cell row
+    from edgemerge.recall.engine import _cell_rows
+
+    assert _restore_block(engine, llm, b).blocks == 1
+    _, state = engine.read_state()
+    k, v = _cell_rows(state.stream)
+    assert state.stream.v_trans and state.stream.layers[0].k_type == t
+    idx = [int(np.flatnonzero(state.stream.positions == p)[0]) for p in before.positions]
+    orig_k = np.stack([originals[p][0] for p in before.positions.tolist()], axis=1)
+    orig_v = np.stack([originals[p][1] for p in before.positions.tolist()], axis=1)
+    np.testing.assert_array_equal(k[:, idx], q8_round_trip(orig_k, t, 32))
+    np.testing.assert_array_equal(v[:, idx], q8_round_trip(orig_v, t, 32))
+    assert 0 < assert_within_q8_step(k[:, idx], orig_k, t, 32) <= 0.6
+    assert_within_q8_step(v[:, idx], orig_v, t, 32)
+    llm.eval(toks[:1] * 4)  # llama.cpp decodes on the restored cache
+    import llama_cpp
+
+    last = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    assert np.all(np.isfinite(np.ctypeslib.as_array(last, (llm.n_vocab(),))))
+
+    # a new store_type on the live Llama re-encodes what is held
+    llm.set_merge_settings(RECALL)
+    row = gq.row_bytes(t, 32)
+    assert all(engine.store.get(x).k.shape[-1] == row for x in engine.store.blocks())
+    llm.close()
+
+    plain = make(tiny_qwen2_path, type_k=t, type_v=t)
+    plain.eval(toks)
+    cache_stats = plain.merge_stats()
+    plain.close()
+    per_pos = [
+        (st.store_ram_bytes + st.store_disk_bytes) / st.store_positions
+        for st in (cache_stats, q8_stats)
+    ]
+    # 2 layers x (K + V) x 32 values: 64 bytes a row in f16 (128 in f32), 34 in q8_0
+    assert per_pos == [2 * 2 * row, 2 * 2 * 34]
+    assert per_pos[0] / per_pos[1] == pytest.approx(row / 34)
+
+
+def test_q8_store_needs_rows_of_whole_q8_blocks(tmp_path_factory):
+    from edgemerge.testing.tiny_models import write_tiny_model
+
+    # one KV head of 16 values: K and V rows of 16, not a multiple of 32
+    path = write_tiny_model(tmp_path_factory.mktemp("narrow") / "narrow.gguf", n_head_kv=1)
+    with pytest.raises(SettingsError, match=r"store_type: 'q8_0' needs .* K rows hold 16 values"):
+        make(path, merge=Q8)
+    llm = make(path)  # the cache's own type has no such limit
+    with pytest.raises(SettingsError, match="store_type"):
+        llm.set_merge_settings(Q8)
+    assert llm.merge_settings == RECALL and llm._recall.settings == RECALL
     llm.close()

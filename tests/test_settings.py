@@ -53,6 +53,7 @@ def test_frozen():
         ("max_merge_error", 0.0, "max_merge_error"),
         ("max_merge_error", math.nan, "max_merge_error"),
         ("eviction", "lru", "eviction"),
+        ("store_type", "q4_0", r"store_type: 'q4_0' is not one of 'cache', 'q8_0'"),
     ],
 )
 def test_each_bad_value_is_rejected_with_its_field(field, value, message):

@@ -8,7 +8,7 @@ Layers: :mod:`~edgemerge.recall.store` (the store, RAM then a spill file),
 
 from edgemerge.recall.engine import QueryCapture, RecallEngine, RecallError, RecallResult
 from edgemerge.recall.scoring import attention_shares, choose_blocks
-from edgemerge.recall.store import BlockStore, StoredBlock, StoreStats, StoreWarning
+from edgemerge.recall.store import BlockStore, RowFormat, StoredBlock, StoreStats, StoreWarning
 
 __all__ = [
     "BlockStore",
@@ -16,6 +16,7 @@ __all__ = [
     "RecallEngine",
     "RecallError",
     "RecallResult",
+    "RowFormat",
     "StoreStats",
     "StoreWarning",
     "StoredBlock",

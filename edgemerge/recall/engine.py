@@ -17,6 +17,9 @@
 The sequence state is read and written whole (``llama_state_seq_get_data``/``_set_data``:
 every layer's K/V rows of the sequence, a copy proportional to the cells, not to the
 history), so the rows restored are byte-identical to those stored, for every cache type.
+With ``store_type="q8_0"`` a float cache's rows are stored as q8_0; a restore writes the
+cache type's encoding of their q8_0 values instead (within half a q8_0 step of the
+originals), and scoring reads the stored keys from q8_0.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from threadpoolctl import ThreadpoolController
 from edgemerge import native
 from edgemerge.native import kvstate
 from edgemerge.recall.scoring import attention_shares, choose_blocks
-from edgemerge.recall.store import BlockStore, StoredBlock
+from edgemerge.recall.store import FLOAT_TYPES, BlockStore, RowFormat, StoredBlock
 from edgemerge.reference import ggml_quants
-from edgemerge.settings import MergeSettings
+from edgemerge.settings import MergeSettings, SettingsError
+
+_F16 = ggml_quants.GGML_TYPE_F16
 
 
 class RecallError(RuntimeError):
@@ -160,10 +165,15 @@ class RecallEngine:
         settings: the merge policy (``recall`` fields).
         layer_ids: model layer of each cache layer (``kvmerge.kv_shape(...).layer_ids``).
         spill_dir: where the store's spill file goes.
+        cache_types: ggml types of the cache's K and V (the context's ``type_k``/``type_v``).
+        row_widths: values per cell of one layer's K and V rows (``n_head_kv * head_dim``);
+            None: the model's ``n_kv_head * head_dim`` for both.
 
     Raises:
         RecallError: the architecture's query scaling is unknown, or the cache carries
             M-RoPE cell extensions.
+        SettingsError: ``store_type="q8_0"`` for a float cache whose row widths are not a
+            multiple of 32 (q8_0's block size).
     """
 
     def __init__(
@@ -173,6 +183,9 @@ class RecallEngine:
         settings: MergeSettings,
         layer_ids: tuple[int, ...],
         spill_dir: Path,
+        *,
+        cache_types: tuple[int, int] = (_F16, _F16),
+        row_widths: tuple[int, int] | None = None,
     ) -> None:
         from edgemerge.native.capture import CaptureError, model_layout
 
@@ -181,7 +194,11 @@ class RecallEngine:
         except CaptureError as err:
             raise RecallError(f"recall: {err}; use recall=False for this model") from err
         self.ctx = ctx
-        self.settings = settings
+        self.cache_types = (int(cache_types[0]), int(cache_types[1]))
+        width = layout.n_kv_head * layout.head_dim
+        self.row_widths = (width, width) if row_widths is None else tuple(map(int, row_widths))
+        formats = self._formats(settings.store_type)  # fails before anything is allocated
+        self._settings = settings
         self._blas = ThreadpoolController()  # scans the loaded libraries once
         self.layer_ids = tuple(int(i) for i in layer_ids)
         self.attn_scale = layout.attn_scale
@@ -192,12 +209,39 @@ class RecallEngine:
             ctx, layout.n_layer, layout.n_head, layout.head_dim, settings.recall_window
         )
         self.store = BlockStore(
-            settings.block_size, settings.store_ram_mb * (1 << 20), Path(spill_dir)
+            settings.block_size, settings.store_ram_mb * (1 << 20), Path(spill_dir), *formats
         )
         self.turns = 0
         self.hits = 0  # turns that brought something back
         self.blocks_restored = 0
         self.time_s = 0.0
+
+    @property
+    def settings(self) -> MergeSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: MergeSettings) -> None:
+        """New settings for a live engine; a new ``store_type`` re-encodes the stored
+        blocks (from q8_0 back to "cache" they stay at their q8_0 values)."""
+        formats = self._formats(settings.store_type)
+        self.store.recode(*formats)
+        self._settings = settings
+
+    def _formats(self, store_type: str) -> tuple[RowFormat, RowFormat]:
+        """The store's K and V formats for ``store_type``."""
+        if store_type == "q8_0":
+            for side, t, w in zip("KV", self.cache_types, self.row_widths, strict=True):
+                if t in FLOAT_TYPES and w % ggml_quants.QK8_0 != 0:
+                    raise SettingsError(
+                        f"store_type: 'q8_0' needs rows whose width is a multiple of "
+                        f"{ggml_quants.QK8_0}, but this model's {side} rows hold {w} values; "
+                        "use store_type='cache' for it"
+                    )
+        return tuple(
+            RowFormat.choose(t, w, store_type)
+            for t, w in zip(self.cache_types, self.row_widths, strict=True)
+        )
 
     # -- state I/O -----------------------------------------------------------------------
 
@@ -223,6 +267,7 @@ class RecallEngine:
             return
         _, state = self.read_state()
         stream = state.stream
+        self._check_types(stream)
         idx = _indices_of(stream.positions, positions)
         k, v = _cell_rows(stream)
         self.store.put(
@@ -231,6 +276,17 @@ class RecallEngine:
             k[:, idx],
             None if v is None else v[:, idx],
         )
+
+    def _check_types(self, stream: kvstate.StreamKV) -> None:
+        # the store converts rows by the types it was built with; rows of another type
+        # would come back as garbage, so a mismatch must stop here
+        layer = stream.layers[0]
+        got = (layer.k_type, layer.v_type if layer.v is not None else self.cache_types[1])
+        if got != self.cache_types:
+            raise RecallError(
+                f"recall: the cache holds K/V of ggml types {got}, but the store was set up "
+                f"for {self.cache_types}; pass the context's type_k/type_v as cache_types"
+            )
 
     def forget_from(self, pos: int) -> None:
         """The sequence was cut at ``pos``: stored positions from there on are stale."""
@@ -266,10 +322,10 @@ class RecallEngine:
         pos = stream.positions.astype(np.int64)
         bias = stream.bias if stream.bias is not None else np.zeros(n, np.float32)
         spans = stream.spans if stream.spans is not None else np.stack([pos, pos], 1)
+        self._check_types(stream)
         k_rows, v_rows = _cell_rows(stream)
         k_type = stream.layers[0].k_type
-        width = self.n_kv_head * self.head_dim
-        cache_keys = self._keys(k_rows, k_type, width)
+        cache_keys = self._keys(ggml_quants.dequantize_rows(k_rows, k_type, self.row_widths[0]))
 
         entries: dict[int, StoredBlock] = {}
         for b in block_ids:
@@ -291,7 +347,12 @@ class RecallEngine:
         threads = max(1, int(llama_cpp.llama_n_threads_batch(self.ctx)))
         with self._blas.limit(limits=threads, user_api="blas"):
             block_score, cell_score = attention_shares(
-                q, self.attn_scale, cache_keys, bias, self._keys(store_k, k_type, width), starts
+                q,
+                self.attn_scale,
+                cache_keys,
+                bias,
+                self._keys(self.store.k_format.values(store_k)),
+                starts,
             )
         best = float(block_score.max()) if block_score.size else 0.0
         chosen = [order[i] for i in choose_blocks(block_score, s.recall_blocks, s.recall_threshold)]
@@ -323,11 +384,12 @@ class RecallEngine:
         new_pos = np.concatenate([pos[keep]] + [e.positions.astype(np.int64) for e in fresh])
         new_bias = np.concatenate([bias[keep], np.zeros(added, np.float32)])
         new_spans = np.concatenate([spans[keep], np.stack([new_pos[keep.sum() :]] * 2, 1)])
-        new_k = np.concatenate([k_rows[:, keep]] + [e.k for e in fresh], axis=1)
+        back = [self.store.cache_rows(e) for e in fresh]  # in the cache's type again
+        new_k = np.concatenate([k_rows[:, keep]] + [k for k, _ in back], axis=1)
         new_v = (
             None
             if v_rows is None
-            else np.concatenate([v_rows[:, keep]] + [e.v for e in fresh], axis=1)
+            else np.concatenate([v_rows[:, keep]] + [v for _, v in back], axis=1)
         )
         o = np.argsort(new_pos, kind="stable")
         new_stream = _stream_from_rows(
@@ -363,10 +425,9 @@ class RecallEngine:
         self.blocks_restored += len(chosen)
         return RecallResult(len(chosen), added, int(drop.sum()), int(evict.size), best)
 
-    def _keys(self, rows: np.ndarray, k_type: int, width: int) -> np.ndarray:
-        """uint8 [L, n, bytes] -> float32 [L, n_kv_head, n, head_dim]."""
-        n_layer, n, _ = rows.shape
-        x = ggml_quants.dequantize_rows(rows, k_type, width)
+    def _keys(self, x: np.ndarray) -> np.ndarray:
+        """float32 [L, n, width] -> float32 [L, n_kv_head, n, head_dim]."""
+        n_layer, n, _ = x.shape
         return np.ascontiguousarray(
             x.reshape(n_layer, n, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         )

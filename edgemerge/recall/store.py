@@ -1,7 +1,10 @@
 """The block store: original K/V rows of cells that merging or eviction took out of the cache.
 
-Rows are kept exactly as the cache held them (the cache's ggml type, raw bytes), so a
-restore writes back byte-identical cells. Entries are grouped by block (``position //
+Rows are kept in the store's ggml type (:class:`RowFormat`, one per store, since a context
+has one cache type): by default the cache's own type, raw bytes, so a restore writes back
+byte-identical cells; with ``MergeSettings.store_type="q8_0"`` the rows of an f32/f16/bf16
+cache are kept as q8_0 (34 bytes per 32 values instead of 64 for f16) and come back as
+the cache type's encoding of their q8_0 values. Entries are grouped by block (``position //
 block_size``); each position carries the token it was computed for, so a restore can
 refuse rows whose token no longer matches the sequence.
 
@@ -10,7 +13,7 @@ blocks spill to one append-only file under ``spill_dir`` (each record with a CRC
 A record that is missing or fails its checksum when read back is dropped with a
 warning: recall loses those blocks, generation is never fed wrong rows.
 
-Shapes (``n_layer`` cache layers, ``m`` positions of a block):
+Shapes (``n_layer`` cache layers, ``m`` positions of a block), in the store's type:
     k: uint8 ``[n_layer, m, k_row_bytes]``; v: uint8 ``[n_layer, m, v_cell_bytes]``.
 """
 
@@ -26,14 +29,77 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemerge.reference import ggml_quants
+
+# Cache types whose rows store_type="q8_0" re-encodes; a quantized cache is already at
+# least as small, and re-quantizing it would only add error.
+FLOAT_TYPES = (ggml_quants.GGML_TYPE_F32, ggml_quants.GGML_TYPE_F16, ggml_quants.GGML_TYPE_BF16)
+F16_MAX = 65504.0
+# q8_0's scale is an f16, so |x| past 127 * F16_MAX has no finite code
+_Q8_MAX = 127.0 * F16_MAX
+
 
 class StoreWarning(UserWarning):
     """Stored blocks were lost (missing or corrupt spill file); recall degrades."""
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How one side (K or V) of a cache is kept: cache rows of ``cache_type`` with
+    ``width`` values each, stored as rows of ``store_type`` (ggml type ids)."""
+
+    cache_type: int
+    store_type: int
+    width: int
+
+    def __post_init__(self) -> None:
+        # a bad width must fail here, once, not at the first merge of a long chat
+        ggml_quants.row_bytes(self.cache_type, self.width)
+        ggml_quants.row_bytes(self.store_type, self.width)
+
+    @classmethod
+    def choose(cls, cache_type: int, width: int, store_type: str) -> RowFormat:
+        """The format ``MergeSettings.store_type`` asks for a cache side: "cache" keeps
+        the cache's type; "q8_0" re-encodes float caches only."""
+        if store_type == "q8_0" and cache_type in FLOAT_TYPES:
+            return cls(cache_type, ggml_quants.GGML_TYPE_Q8_0, width)
+        return cls(cache_type, cache_type, width)
+
+    @property
+    def identity(self) -> bool:
+        return self.store_type == self.cache_type
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 cache rows ``[..., cache bytes]`` -> uint8 store rows ``[..., store bytes]``."""
+        if self.identity:
+            return rows
+        x = ggml_quants.dequantize_rows(rows, self.cache_type, self.width)
+        # the q8_0 encoder refuses non-finite values (an overflowed row); storing must
+        # not fail in the middle of a merge, so they, and values past q8_0's range, clip
+        x = np.nan_to_num(x, nan=0.0, posinf=_Q8_MAX, neginf=-_Q8_MAX)
+        return ggml_quants.quantize_rows(np.clip(x, -_Q8_MAX, _Q8_MAX), self.store_type)
+
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 store rows -> uint8 cache rows (the cache type's encoding of the stored
+        values: f16 rounds to nearest even, as ggml does)."""
+        if self.identity:
+            return rows
+        x = ggml_quants.dequantize_rows(rows, self.store_type, self.width)
+        if self.cache_type == ggml_quants.GGML_TYPE_F16:
+            # 127 * the f16-rounded scale can pass F16_MAX (an original near it) and
+            # would come back as inf
+            x = np.clip(x, -F16_MAX, F16_MAX)
+        return ggml_quants.quantize_rows(x, self.cache_type)
+
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 store rows -> float32 ``[..., width]`` (for scoring)."""
+        return ggml_quants.dequantize_rows(rows, self.store_type, self.width)
+
+
 @dataclass
 class StoredBlock:
-    """Originals of some positions of one block, sorted by position."""
+    """Originals of some positions of one block, sorted by position; rows in the
+    store's type (:meth:`BlockStore.cache_rows` gives them in the cache's)."""
 
     positions: np.ndarray  # int32 [m]
     tokens: np.ndarray  # int32 [m]
@@ -102,10 +168,21 @@ class BlockStore:
         block_size: positions per block (``MergeSettings.block_size``).
         ram_bytes: bytes of blocks kept in RAM before spilling.
         spill_dir: directory of the spill file (created on first spill).
+        k_format, v_format: how K and V rows are stored; None keeps the bytes given, as
+            they are (rows of any width, no type known).
     """
 
-    def __init__(self, block_size: int, ram_bytes: int, spill_dir: Path) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        ram_bytes: int,
+        spill_dir: Path,
+        k_format: RowFormat | None = None,
+        v_format: RowFormat | None = None,
+    ) -> None:
         self.block_size = block_size
+        self.k_format = k_format
+        self.v_format = v_format
         self.ram_limit = ram_bytes
         self.spill_dir = Path(spill_dir)
         self._ram: OrderedDict[int, StoredBlock] = OrderedDict()  # LRU order, oldest first
@@ -121,10 +198,13 @@ class BlockStore:
         self, positions: np.ndarray, tokens: np.ndarray, k: np.ndarray, v: np.ndarray | None
     ) -> None:
         """Store rows of ``positions`` (any order, any blocks); positions already stored
-        keep their first rows (the cache never rewrites an original)."""
+        keep their first rows (the cache never rewrites an original). ``k``/``v`` are cache
+        rows ``[n_layer, len(positions), bytes]``; they are encoded to the store's type."""
         positions = np.asarray(positions, np.int32)
         if positions.size == 0:
             return
+        k = _encode(self.k_format, k)
+        v = None if v is None else _encode(self.v_format, v)
         blocks = positions // self.block_size
         for b in np.unique(blocks).tolist():
             sel = np.flatnonzero(blocks == b)
@@ -155,6 +235,28 @@ class BlockStore:
         """The block's rows (from RAM or the spill file), or None if it is not held or
         was lost."""
         return self._get(block)
+
+    def cache_rows(self, entry: StoredBlock) -> tuple[np.ndarray, np.ndarray | None]:
+        """``entry``'s K and V rows in the cache's type, ready to be written back."""
+        k = _decode(self.k_format, entry.k)
+        return k, None if entry.v is None else _decode(self.v_format, entry.v)
+
+    def recode(self, k_format: RowFormat | None, v_format: RowFormat | None) -> None:
+        """Keep every block, and those to come, in new formats (``store_type`` changed on
+        a live context). Blocks are converted one at a time, so a spilled store is not
+        read into RAM whole; a rewritten spilled block is appended to the spill file."""
+        old_k, old_v = self.k_format, self.v_format
+        if (old_k, old_v) == (k_format, v_format):
+            return
+        self.k_format, self.v_format = k_format, v_format
+        for b in self.blocks():
+            entry = self._get(b)  # raw bytes: reading does not depend on the format
+            if entry is None:  # lost (already counted and warned about)
+                continue
+            k = _encode(k_format, _decode(old_k, entry.k))
+            v = None if entry.v is None else _encode(v_format, _decode(old_v, entry.v))
+            self._set(b, StoredBlock(entry.positions, entry.tokens, k, v))
+            self._spill()
 
     def take(self, block: int) -> StoredBlock | None:
         """Remove and return the block (its rows go back into the cache)."""
@@ -300,3 +402,11 @@ class BlockStore:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _encode(fmt: RowFormat | None, rows: np.ndarray) -> np.ndarray:
+    return rows if fmt is None else fmt.encode(rows)
+
+
+def _decode(fmt: RowFormat | None, rows: np.ndarray) -> np.ndarray:
+    return rows if fmt is None else fmt.decode(rows)
