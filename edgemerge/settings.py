@@ -74,6 +74,10 @@ class MergeSettings:
         recall_blocks: most blocks brought back per turn.
         recall_threshold: least attention share (of the best layer and head, averaged over
             the window) a stored block needs to come back, in [0, 1).
+        recall_skip_layers: share of the model's layers, counted from the input, whose
+            queries do not score stored blocks, in [0, 1). Early layers' heads match
+            tokens and positions, not content; their shares outvoted the heads that
+            retrieve (docs/chat_memory.md). At least the last cache layer always votes.
         recall_reeval: prompt tokens evaluated again after a restore, so that the reply's
             first token sees what came back (0 keeps the first pass); at most
             ``recent - 1`` of them, since older cells may have been merged or evicted.
@@ -105,6 +109,7 @@ class MergeSettings:
     recall_window: int = 32
     recall_blocks: int = 8
     recall_threshold: float = 0.0
+    recall_skip_layers: float = 0.25
     recall_reeval: int = 32
     store_ram_mb: int = 512
     store_type: StoreType = "cache"
@@ -150,6 +155,7 @@ class MergeSettings:
         _check_int("recall_window", self.recall_window, 1, 4096)
         _check_int("recall_blocks", self.recall_blocks, 1, 1 << 16)
         _check_float("recall_threshold", self.recall_threshold, 0.0, 1.0, hi_open=True)
+        _check_float("recall_skip_layers", self.recall_skip_layers, 0.0, 1.0, hi_open=True)
         _check_int("recall_reeval", self.recall_reeval, 0, 4096)
         _check_int("store_ram_mb", self.store_ram_mb, 0, 1 << 24)
         if self.store_type not in STORE_TYPES:

@@ -295,6 +295,40 @@ def test_attention_shares_match_the_rule_computed_by_loops():
     np.testing.assert_allclose(cells, want_c, rtol=1e-4, atol=1e-6)
 
 
+def test_only_the_voting_layers_score_blocks():
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((3, 2, 4, 8)).astype(np.float32)
+    ck = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
+    cb = np.zeros(6, np.float32)
+    sk = rng.standard_normal((3, 2, 5, 8)).astype(np.float32)
+    starts = np.array([0, 2], np.intp)
+    vote = np.array([False, True, True])
+    blocks, cells = attention_shares(q, 0.35, ck, cb, sk, starts, vote)
+    want_b, _ = _shares_by_loops(q[1:], 0.35, ck[1:], cb, sk[1:], starts)
+    _, want_c = _shares_by_loops(q, 0.35, ck, cb, sk, starts)
+    np.testing.assert_allclose(blocks, want_b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cells, want_c, rtol=1e-4, atol=1e-6)  # cells: every layer
+    with pytest.raises(ValueError, match="block_layers"):
+        attention_shares(q, 0.35, ck, cb, sk, starts, vote[:2])
+
+
+def test_the_first_quarter_of_the_model_does_not_vote():
+    from types import SimpleNamespace
+
+    from edgemerge.recall.engine import RecallEngine
+
+    def vote(layer_ids, n_layer, skip=0.25):
+        engine = SimpleNamespace(
+            settings=MergeSettings(recall_skip_layers=skip), n_layer=n_layer, layer_ids=layer_ids
+        )
+        return RecallEngine._block_layers(engine).tolist()
+
+    assert vote(tuple(range(8)), 8) == [False, False] + [True] * 6
+    assert vote(tuple(range(8)), 8, 0.0) == [True] * 8
+    assert vote((5, 11, 17), 18) == [True, True, True]  # Gemma's full-attention layers
+    assert vote((0, 1), 18) == [False, True]  # the last cache layer votes at least
+
+
 def test_choose_blocks_takes_the_best_above_threshold():
     score = np.array([0.1, 0.5, 0.0, 0.3, 0.2])
     assert choose_blocks(score, 2, 0.0).tolist() == [1, 3]
@@ -314,6 +348,9 @@ def test_recall_settings_are_validated():
         MergeSettings(recall_window=0)
     with pytest.raises(SettingsError, match="recall_threshold"):
         MergeSettings(recall_threshold=1.0)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(SettingsError, match="recall_skip_layers"):
+            MergeSettings(recall_skip_layers=bad)
     assert MergeSettings.from_dict(RECALL.to_dict()) == RECALL
     assert MergeSettings().store_type == "cache"  # byte-identical restores unless asked
     assert MergeSettings.from_dict(Q8.to_dict()) == Q8
@@ -403,8 +440,8 @@ def _restore_block(engine, llm, block):
 
     real = eng.attention_shares
 
-    def rigged(q, scale, ck, cb, sk, starts):
-        bscore, cscore = real(q, scale, ck, cb, sk, starts)
+    def rigged(*args):
+        bscore, cscore = real(*args)
         order = engine.store.blocks()
         bscore = np.where(np.array(order) == block, 1.0, 0.0).astype(np.float32)
         return bscore, cscore

@@ -205,6 +205,7 @@ class RecallEngine:
         self.n_head = layout.n_head
         self.n_kv_head = layout.n_kv_head
         self.head_dim = layout.head_dim
+        self.n_layer = layout.n_layer
         self.capture = QueryCapture(
             ctx, layout.n_layer, layout.n_head, layout.head_dim, settings.recall_window
         )
@@ -301,6 +302,14 @@ class RecallEngine:
         t = int(n[sel].min()) if sel else 0
         return q[sel, :t]
 
+    def _block_layers(self) -> np.ndarray:
+        """bool [n_cache_layer]: cache layers whose queries score stored blocks."""
+        first = self.settings.recall_skip_layers * self.n_layer
+        vote = np.array([layer >= first for layer in self.layer_ids], bool)
+        if vote.size and not vote.any():
+            vote[-1] = True  # a model whose cached layers are all early still recalls
+        return vote
+
     def recall(self, tokens: np.ndarray, n_tokens: int, budget: int) -> RecallResult:
         """Score the store with the captured queries and restore the best blocks.
 
@@ -353,6 +362,7 @@ class RecallEngine:
                 bias,
                 self._keys(self.store.k_format.values(store_k)),
                 starts,
+                self._block_layers(),
             )
         best = float(block_score.max()) if block_score.size else 0.0
         chosen = [order[i] for i in choose_blocks(block_score, s.recall_blocks, s.recall_threshold)]

@@ -11,7 +11,9 @@ cache, ``exp(logit - lse)`` is the attention share a key would get next to the c
 * a cell's share is its own, averaged the same way.
 
 A block or cell scores the largest share of any layer and query head: retrieval lives
-in a few heads, and a mean over all of them would drown it.
+in a few heads, and a mean over all of them would drown it. Only the layers past the
+first ``recall_skip_layers`` of the model score blocks: an early layer's head matches
+tokens and positions, and its large shares for the wrong blocks won the maximum.
 
 Shapes: ``queries`` float32 ``[L, T, n_head, D]``; keys float32 ``[L, n_kv_head, n, D]``;
 ``bias`` float32 ``[n]``.
@@ -40,6 +42,7 @@ def attention_shares(
     cache_bias: np.ndarray,
     store_keys: np.ndarray,
     block_starts: np.ndarray,
+    block_layers: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of stored blocks and of the cache's cells.
 
@@ -50,6 +53,8 @@ def attention_shares(
         store_keys: float32 [L, n_kv_head, n_stored, D], stored positions grouped by block.
         block_starts: int [n_blocks], index of each block's first stored position
             (ascending, block_starts[0] == 0).
+        block_layers: bool [L], the layers whose heads score stored blocks (every layer
+            scores cells); None: all of them.
 
     Returns:
         (block_score float32 [n_blocks], cell_score float32 [n_cells]), each the best
@@ -63,6 +68,11 @@ def attention_shares(
     if t == 0:
         return block_score, cell_score
     bias = cache_bias.astype(np.float32)[None, None, :]
+    if block_layers is None:
+        block_layers = np.ones(n_layer, bool)
+    block_layers = np.asarray(block_layers, bool)
+    if block_layers.shape != (n_layer,):
+        raise ValueError(f"block_layers has shape {block_layers.shape}, not ({n_layer},)")
     for il in range(n_layer):
         q = _grouped(queries[il].astype(np.float32), n_kv) * np.float32(attn_scale)
         # contiguous [H, D, n] operands: BLAS then runs without strided copies
@@ -76,7 +86,7 @@ def attention_shares(
         g = q.shape[1] // t
         per_head = share.reshape(n_kv, g, t, -1).mean(axis=2)  # [H, G, n]
         np.maximum(cell_score, per_head.max(axis=(0, 1)), out=cell_score)
-        if n_blocks:
+        if n_blocks and block_layers[il]:
             stored_t = np.ascontiguousarray(store_keys[il].transpose(0, 2, 1))
             s = np.matmul(q, stored_t)  # [H, G*T, n_stored]
             best = np.maximum.reduceat(s, block_starts, axis=-1)  # [H, G*T, n_blocks]
