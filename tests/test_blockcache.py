@@ -21,6 +21,7 @@ from tests_support import english_text
 
 TEXT = english_text().encode()  # real prose, present on every machine
 SMALL = MergeSettings(budget=160, sinks=4, recent=32, block_size=8, slack=16)
+NO_RECALL = MergeSettings(budget=160, sinks=4, recent=32, block_size=8, slack=16, recall=False)
 KW = {
     "n_ctx": 256,
     "n_batch": 32,
@@ -151,7 +152,11 @@ def test_a_prompt_sharing_only_the_first_blocks_restores_those(tiny_qwen2_path):
 
 
 def test_restored_merged_context_generates_what_a_recomputed_one_does(tiny_qwen2_path):
-    a = make(tiny_qwen2_path, merge=SMALL)
+    # Recall acts at the end of each prompt, so with it on, a context built in two turns
+    # (the stored prompt, then the follow-up) differs by design from one built in one
+    # turn; this equivalence is about the cells the cache restores, so recall is off.
+    # What recall does after a restore: test_a_restore_with_recall_on_starts_an_empty_store.
+    a = make(tiny_qwen2_path, merge=NO_RECALL)
     cache = BlockCache.in_ram(1 << 30, block_size=16)
     a.set_cache(cache)
     prompt = text_tokens(a, 0, 320)  # a multiple of n_batch: the same chunks as a recompute
@@ -161,17 +166,37 @@ def test_restored_merged_context_generates_what_a_recomputed_one_does(tiny_qwen2
     assert any(b.merged for b in entry.table.blocks)
 
     follow = prompt + text_tokens(a, 1000, 8)
-    b = make(tiny_qwen2_path, merge=SMALL)
+    b = make(tiny_qwen2_path, merge=NO_RECALL)
     b.set_cache(cache)
     restored = complete(b, follow)
     assert cache.stats.hits == 1 and cache.stats.restored_tokens == 320
     cells = kvcells.list_cells(b)
     assert np.any(cells.span_max > cells.span_min)  # the merged cells came back
-    c = make(tiny_qwen2_path, merge=SMALL)
+    c = make(tiny_qwen2_path, merge=NO_RECALL)
     recomputed = complete(c, follow)
     # the recompute merged exactly where the cached run did, and not after
     assert c.merge_stats().compressions == a.merge_stats().compressions
     assert restored == recomputed
+
+
+def test_a_restore_with_recall_on_starts_an_empty_store(tiny_qwen2_path):
+    a = make(tiny_qwen2_path, merge=SMALL)
+    cache = BlockCache.in_ram(1 << 30, block_size=16)
+    a.set_cache(cache)
+    prompt = text_tokens(a, 0, 320)
+    complete(a, prompt, max_tokens=1)
+    assert a.merge_stats().store_positions > 0  # the saving run had originals to recall
+    follow = prompt + text_tokens(a, 1000, 8)
+    b = make(tiny_qwen2_path, merge=SMALL)
+    b.set_cache(cache)
+    with_recall = complete(b, follow)
+    stats = b.merge_stats()
+    assert cache.stats.hits == 1 and stats.recall_turns == 1
+    # the entry holds cells, not the saving run's store: nothing from it can come back
+    assert stats.store_positions == 0 and stats.recall_hits == 0 and stats.blocks_restored == 0
+    c = make(tiny_qwen2_path, merge=NO_RECALL)
+    c.set_cache(cache)
+    assert complete(c, follow) == with_recall
 
 
 def wide_cell(llm) -> tuple[int, int]:
