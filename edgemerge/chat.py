@@ -19,13 +19,17 @@ Files:
   ``<history dir>/<YYYYmmdd-HHMMSS>.json`` (never overwriting an older one) and
   the path is printed.
 - ``/save FILE`` writes the same JSON to FILE, and the evaluated cache (the
-  llama.cpp context state with its merged cells, the token ids, the seed) to
-  ``FILE.kv``, an uncompressed numpy ``.npz`` read back without pickle.
+  llama.cpp context state with its merged cells, the token ids, the seed, and with
+  recall on the recall store: the originals of what left the cache) to ``FILE.kv``,
+  an uncompressed numpy ``.npz`` read back without pickle.
 - ``/load FILE`` takes the messages from any such JSON (a /save or a history
   file). When ``FILE.kv`` exists and was saved by the same model file with the
   same cache size and merging mode, the cache is restored too, so the next turn
-  evaluates only its new tokens; otherwise the next turn evaluates the loaded
-  conversation again (and merges it again where it is long).
+  evaluates only its new tokens, and the recall store with it, so that a later
+  turn still recalls the turns merged or evicted before the save (a store that
+  cannot be read costs only that, and the load message says so); otherwise the
+  next turn evaluates the loaded conversation again (and merges it again where it
+  is long).
 
 Interrupting: the first Ctrl-C stops the reply before its next token is
 evaluated (after the prompt, if that is still being evaluated); the reply so
@@ -212,6 +216,7 @@ class ChatSession:
         """Write the conversation to ``path`` and the cache to ``path.kv``; returns the latter."""
         path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False))
         state = self.llm.save_state()
+        snap = self.llm.recall_store() if hasattr(self.llm, "recall_store") else None
         kv_path = cache_file(path)
         with open(kv_path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(
@@ -220,6 +225,8 @@ class ChatSession:
                 input_ids=np.asarray(state.input_ids[: state.n_tokens], dtype=np.int32),
                 seed=np.int64(state.seed),
                 **_cache_identity(self.llm),
+                # the originals of what left the cache: loaded again, the chat still recalls it
+                **(snap.to_arrays() if snap is not None else {}),
             )
         return kv_path
 
@@ -229,10 +236,10 @@ class ChatSession:
         messages = read_messages(path)
         kv_path = cache_file(path)
         restored = False
-        why = f"no {kv_path.name}"
+        why, note = f"no {kv_path.name}", ""
         if kv_path.exists():
             try:
-                why = self._load_cache(kv_path)
+                why, note = self._load_cache(kv_path)
             except KeyboardInterrupt:
                 self.llm.reset()  # a half-restored cache must not be reused
                 raise
@@ -242,31 +249,35 @@ class ChatSession:
             self.llm.reset()
         turns = sum(m["role"] == "user" for m in messages)
         if restored:
-            return f"loaded {path}: {turns} turns, cache restored ({self.llm.n_tokens} tokens)"
+            return (
+                f"loaded {path}: {turns} turns, cache restored ({self.llm.n_tokens} tokens)" + note
+            )
         return f"loaded {path}: {turns} turns; {why}, so the next turn evaluates them again"
 
-    def _load_cache(self, kv_path: Path) -> str:
-        """Restore the cache from ``kv_path``; returns why not ("" when it was restored)."""
+    def _load_cache(self, kv_path: Path) -> tuple[str, str]:
+        """Restore the cache from ``kv_path``; returns why not ("" when it was restored)
+        and what to add to the load message about the recall store."""
         import llama_cpp  # edgemerge is imported, so this is the patched library
 
         try:
             with np.load(kv_path, allow_pickle=False) as z:
                 saved = {k: z[k] for k in z.files}
         except (OSError, ValueError) as exc:
-            return f"{kv_path.name} is not a readable cache ({exc})"
+            return f"{kv_path.name} is not a readable cache ({exc})", ""
         mine = _cache_identity(self.llm)
         missing = sorted((set(mine) | {"llama_state", "input_ids", "seed"}) - set(saved))
         if missing:
-            return f"{kv_path.name} lacks {', '.join(missing)}"
+            return f"{kv_path.name} lacks {', '.join(missing)}", ""
         for key, value in mine.items():
             if saved[key].item() != value.item():
                 return (
                     f"{kv_path.name} was saved with {key}={saved[key].item()!r}, this chat has "
-                    f"{value.item()!r}"
+                    f"{value.item()!r}",
+                    "",
                 )
         ids = saved["input_ids"]
         if len(ids) > len(self.llm.input_ids):
-            return f"{kv_path.name} holds {len(ids)} tokens, more than this chat's context"
+            return f"{kv_path.name} holds {len(ids)} tokens, more than this chat's context", ""
         input_ids = np.zeros(len(self.llm.input_ids), dtype=np.intc)
         input_ids[: len(ids)] = ids
         blob = saved["llama_state"].tobytes()
@@ -283,8 +294,30 @@ class ChatSession:
             self.llm.load_state(state)
         except (RuntimeError, ValueError) as exc:
             self.llm.reset()
-            return f"llama.cpp refused {kv_path.name} ({exc})"
-        return ""
+            return f"llama.cpp refused {kv_path.name} ({exc})", ""
+        return "", self._load_store(saved)
+
+    def _load_store(self, saved: dict[str, np.ndarray]) -> str:
+        """Give the restored cache its recall store back; returns what to add to the
+        load message. A store that cannot be read costs recall of the history before
+        the save, not the cache."""
+        from edgemerge.recall import RecallError, StoreFileError, StoreSnapshot
+
+        settings = getattr(self.llm, "merge_settings", None)
+        recalling = settings is not None and settings.recall
+        try:
+            snap = StoreSnapshot.from_arrays(saved)
+            if snap is None or not snap.positions.size:
+                return ""
+            if not recalling:
+                return "; recall is off, so the recall store saved with it is not used"
+            kept = self.llm.load_recall_store(snap)
+        except (StoreFileError, RecallError) as exc:
+            return (
+                f"; its recall store was not restored ({exc}), so what had left the cache "
+                "before the save cannot be recalled"
+            )
+        return f", recall store restored ({kept} positions)"
 
 
 def chat_mode(llm: Any) -> ChatMode:

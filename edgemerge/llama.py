@@ -31,7 +31,7 @@ import numpy as np
 from edgemerge.merging.planner import BlockMergePlanner, MergePlan
 from edgemerge.models import cache_dir, resolve_model
 from edgemerge.native import _llamalog, kvcells, kvmerge
-from edgemerge.recall import RecallEngine
+from edgemerge.recall import RecallEngine, StoreSnapshot
 from edgemerge.reference.ggml_quants import row_bytes
 from edgemerge.settings import CALIBRATED, MergeSettings, SettingsError
 
@@ -441,6 +441,26 @@ class Llama(llama_cpp.Llama):
         if self._planner is not None:
             # a state cut inside an evicted stretch ends short of n_tokens: evaluate the rest
             self._replay_evicted_tail()
+
+    def recall_store(self) -> StoreSnapshot | None:
+        """What the recall store holds (the originals of cells that left the cache), to
+        save beside :meth:`save_state`; None when recall is off. A state loaded without
+        it can no longer recall what had left its cache before it was saved."""
+        return self._recall.store.snapshot() if self._recall is not None else None
+
+    def load_recall_store(self, snap: StoreSnapshot) -> int:
+        """Give a state loaded with :meth:`load_state` the store saved with it (from
+        :meth:`recall_store`). Keeps the positions that still fit the sequence (same
+        token, not an exact cell now); returns how many. Raises :class:`SettingsError`
+        without recall, and ``StoreFileError`` when the rows cannot be this cache's
+        (another model, cache type or block size); the store is then empty."""
+        if self._recall is None:
+            raise SettingsError("load_recall_store() needs recall on: MergeSettings(recall=True)")
+        try:
+            return self._recall.load_store(snap, np.asarray(self.input_ids), self.n_tokens)
+        except Exception:
+            self._recall.store.clear()
+            raise
 
     # -- public seams (chat, evaluation) -------------------------------------------------
 

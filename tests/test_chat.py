@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
 
 from edgemerge import Llama, MergeSettings, models
@@ -166,7 +167,11 @@ def test_slash_commands_budget_save_reset_load(tiny_qwen2_path, tmp_path):
     assert seen[3][1] <= 120 + 16 and seen[4][1] <= 120 + 16
     assert "(conversation cleared)" in out.stdout
     assert "logical_tokens: 0" in out.stdout  # /stats after /reset
-    assert f"(loaded {conv}: 4 turns, cache restored ({seen[3][0]} tokens))" in out.stdout
+    loaded = re.search(
+        r"\(loaded (.*): 4 turns, cache restored \((\d+) tokens\)(.*)\)\n", out.stdout
+    )
+    assert loaded and loaded[1] == str(conv) and int(loaded[2]) == seen[3][0]
+    assert re.fullmatch(r", recall store restored \(\d+ positions\)", loaded[3])
     assert seen[4][0] > seen[3][0]  # the turn after /load went on from the restored cache
     assert conv.exists() and cache_file(conv).exists()
     assert "edgemerge: error: budget: 'abc' is not a cell count" in out.stderr
@@ -331,6 +336,37 @@ def test_saved_cache_loads_only_into_the_same_kind_of_chat(tiny_qwen2_path, tmp_
 
     plain = ChatSession(load(tiny_qwen2_path, merge=None, n_ctx=2048), max_tokens=4)
     assert "n_ctx=256" in plain.load(conv)
+
+
+def test_a_loaded_chat_recalls_what_left_its_cache_before_the_save(tiny_qwen2_path, tmp_path):
+    a = ChatSession(load(tiny_qwen2_path), max_tokens=4, temperature=0)
+    for i in range(4):
+        list(a.send(f"{LONG} ({i})"))
+    conv = tmp_path / "conv.json"
+    a.save(conv)
+    held, n_saved = a.llm.merge_stats().store_positions, a.llm.n_tokens
+    assert held > 0
+
+    b = ChatSession(load(tiny_qwen2_path), max_tokens=4, temperature=0)
+    assert f"cache restored ({n_saved} tokens), recall store restored ({held} positions)" in (
+        b.load(conv)
+    )
+    question = f"{' '.join(WORDS[300:340])} What did I say first?"
+    assert "".join(b.send(question)) == "".join(a.send(question))
+    assert b.llm.merge_stats().blocks_restored > 0
+
+    # a damaged store costs recall of the old turns, never the cache or the conversation
+    kv = cache_file(conv)
+    with np.load(kv, allow_pickle=False) as z:
+        saved = {n: z[n] for n in z.files}
+    saved["store_k"] = saved["store_k"][:, :, :-1]
+    with open(kv, "wb") as f:
+        np.savez(f, **saved)
+    c = ChatSession(load(tiny_qwen2_path), max_tokens=4, temperature=0)
+    note = c.load(conv)
+    assert "cache restored" in note and "its recall store was not restored" in note
+    assert "bytes" in note and c.llm.merge_stats().store_positions == 0
+    assert c.llm.n_tokens == n_saved and c.messages == b.messages[: len(c.messages)]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from edgemerge.recall import (
     BlockStore,
     QueryCapture,
     RowFormat,
+    StoreFileError,
+    StoreSnapshot,
     StoreWarning,
     attention_shares,
     choose_blocks,
@@ -230,6 +232,79 @@ def test_q8_spill_file_round_trips_and_detects_corruption(tmp_path):
     with pytest.warns(StoreWarning, match="block 1 is unreadable"):
         assert disk.get(1) is None
     assert disk.get(0) is not None
+
+
+def test_a_snapshot_round_trips_ram_and_spilled_blocks_through_savez(tmp_path):
+    rng = np.random.default_rng(5)
+    fmt = RowFormat(gq.GGML_TYPE_F16, gq.GGML_TYPE_F16, 8)
+    store = BlockStore(4, ram_bytes=150, spill_dir=tmp_path / "a", k_format=fmt, v_format=fmt)
+    pos = np.array([0, 1, 2, 5, 6, 9, 12, 13, 14, 15], np.int32)
+    k, v = rows(rng, 2, pos.size, 16), rows(rng, 2, pos.size, 16)
+    store.put(pos, pos + 50, k, v)
+    assert store.stats().disk_bytes > 0  # some blocks come from the spill file
+    snap = store.snapshot()
+    np.testing.assert_array_equal(snap.positions, pos)
+    np.testing.assert_array_equal(snap.k, k)
+    np.testing.assert_array_equal(snap.v, v)
+    np.savez(tmp_path / "s.npz", other=np.int64(3), **snap.to_arrays())
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        back = StoreSnapshot.from_arrays({n: z[n] for n in z.files})
+    other = BlockStore(4, ram_bytes=150, spill_dir=tmp_path / "b", k_format=fmt, v_format=fmt)
+    keep = back.positions != 6
+    assert other.load(back, keep) == pos.size - 1
+    assert other.blocks() == store.blocks()
+    for b in store.blocks():
+        want, got = store.get(b), other.get(b)
+        sel = want.positions != 6
+        np.testing.assert_array_equal(got.positions, want.positions[sel])
+        np.testing.assert_array_equal(got.tokens, want.tokens[sel])
+        np.testing.assert_array_equal(got.k, want.k[:, sel])
+        np.testing.assert_array_equal(got.v, want.v[:, sel])
+    # the empty store saves and loads too, and a file without a store has none
+    empty = BlockStore(4, 1 << 20, tmp_path / "c", fmt, fmt).snapshot()
+    assert StoreSnapshot.from_arrays(empty.to_arrays()).positions.size == 0
+    assert StoreSnapshot.from_arrays({"other": np.int64(3)}) is None
+
+
+def test_a_snapshot_loads_into_a_q8_store_as_its_q8_values(tmp_path):
+    rng = np.random.default_rng(6)
+    f16 = RowFormat(gq.GGML_TYPE_F16, gq.GGML_TYPE_F16, 32)
+    q8 = RowFormat(gq.GGML_TYPE_F16, gq.GGML_TYPE_Q8_0, 32)
+    x = rng.standard_normal((2, 6, 32)).astype(np.float32)
+    raw = gq.quantize_rows(x, gq.GGML_TYPE_F16)
+    plain = BlockStore(4, 1 << 20, tmp_path, f16, f16)
+    pos = np.arange(6, dtype=np.int32)
+    plain.put(pos, pos, raw, raw)
+    small = BlockStore(4, 1 << 20, tmp_path, q8, q8)
+    small.load(plain.snapshot())
+    back, _ = small.cache_rows(small.get(0))
+    want = q8.decode(q8.encode(raw[:, :4]))
+    np.testing.assert_array_equal(back, want)
+    assert small.stats().ram_bytes < plain.stats().ram_bytes
+
+
+def test_a_snapshot_that_does_not_fit_is_refused_naming_why(tmp_path):
+    f16 = RowFormat(gq.GGML_TYPE_F16, gq.GGML_TYPE_F16, 8)
+    f32 = RowFormat(gq.GGML_TYPE_F32, gq.GGML_TYPE_F32, 8)
+    rng = np.random.default_rng(7)
+    store = BlockStore(4, 1 << 20, tmp_path, f16, f16)
+    three = np.arange(3, dtype=np.int32)
+    store.put(three, three, rows(rng, 1, 3, 16), rows(rng, 1, 3, 16))
+    snap = store.snapshot()
+    with pytest.raises(StoreFileError, match="blocks of 4 positions, this one of 8"):
+        BlockStore(8, 1 << 20, tmp_path, f16, f16).load(snap)
+    with pytest.raises(StoreFileError, match="cache type 1 with 8 values, this cache is of type 0"):
+        BlockStore(4, 1 << 20, tmp_path, f32, f32).load(snap)
+    arrays = snap.to_arrays()
+    with pytest.raises(StoreFileError, match="lacks store_tokens"):
+        StoreSnapshot.from_arrays({n: a for n, a in arrays.items() if n != "store_tokens"})
+    bad = dict(arrays, store_k=arrays["store_k"][:, :, :-1])  # a truncated row
+    with pytest.raises(StoreFileError, match="hold 15 bytes"):
+        StoreSnapshot.from_arrays(bad)
+    with pytest.raises(StoreFileError, match="strictly increasing"):
+        StoreSnapshot.from_arrays(dict(arrays, store_positions=arrays["store_positions"][::-1]))
+    with pytest.raises(StoreFileError, match="one length"):
+        StoreSnapshot.from_arrays(dict(arrays, store_tokens=arrays["store_tokens"][:2]))
 
 
 def test_recode_converts_held_blocks_ram_and_spilled(tmp_path):
@@ -464,6 +539,90 @@ def test_rewind_forgets_stored_positions_beyond_the_cut(tiny_qwen2_path):
     for b in llm._recall.store.blocks():
         assert llm._recall.store.get(b).positions.max() < cut
     llm.close()
+
+
+def _turns(n: int, start: int = 0) -> list[dict[str, str]]:
+    words = TEXT.split()
+    return [
+        {"role": "user", "content": " ".join(words[t * 50 : t * 50 + 50])}
+        for t in range(start, start + n)
+    ]
+
+
+def _chat(llm, messages: list[dict[str, str]]) -> str:
+    out = llm.create_chat_completion(messages=messages, max_tokens=6, temperature=0)
+    return out["choices"][0]["message"]["content"]
+
+
+def test_a_state_saved_with_its_store_recalls_as_the_uninterrupted_run(tiny_qwen2_path):
+    a = make(tiny_qwen2_path)
+    messages: list[dict[str, str]] = []
+    for turn in _turns(10):
+        messages.append(turn)
+        messages.append({"role": "assistant", "content": _chat(a, messages)})
+    state, snap = a.save_state(), a.recall_store()
+    assert snap.positions.size == a.merge_stats().store_positions > 0
+
+    b = make(tiny_qwen2_path)
+    b.load_state(state)
+    assert b.merge_stats().store_positions == 0  # a state alone brings no store
+    assert b.load_recall_store(snap) == snap.positions.size
+    np.testing.assert_array_equal(b.recall_store().k, snap.k)
+    c = make(tiny_qwen2_path)
+    c.load_state(state)
+
+    restored_before = a.merge_stats().blocks_restored
+    for turn in _turns(3, start=10):
+        messages.append(turn)
+        reply = _chat(a, messages)
+        assert _chat(b, messages) == reply
+        _chat(c, messages)
+        messages.append({"role": "assistant", "content": reply})
+    # the turns after the save recalled the same blocks in both runs, some stored before it
+    assert b.merge_stats().blocks_restored == a.merge_stats().blocks_restored - restored_before
+    assert b.merge_stats().recall_hits > 0
+    np.testing.assert_array_equal(a.recall_store().positions, b.recall_store().positions)
+    np.testing.assert_array_equal(a.recall_store().k, b.recall_store().k)
+    assert np.setdiff1d(snap.positions, b.recall_store().positions).size > 0
+    # the run loaded without its store could bring back only what left after the load
+    assert np.isin(snap.positions, c.recall_store().positions).sum() == 0
+    for x in (a, b, c):
+        x.close()
+
+
+def test_a_store_is_kept_only_where_it_still_fits_the_sequence(tiny_qwen2_path):
+    a = make(tiny_qwen2_path)
+    toks = a.tokenize(TEXT.encode())[:500]
+    a.eval(toks)
+    snap = a.recall_store()
+    b = make(tiny_qwen2_path)
+    other = list(toks)
+    other[snap.positions[0]] = (other[snap.positions[0]] + 1) % 1000  # another token there
+    b.eval(other[:400])
+    kept = b.load_recall_store(snap)
+    held = b.recall_store().positions
+    assert 0 < kept == held.size < snap.positions.size
+    assert snap.positions[0] not in held and held.max() < 400
+    cells = kvcells.list_cells(b)
+    assert not np.isin(held, cells.pos[cells.span_min == cells.span_max]).any()
+    # rows of another geometry are refused and leave the store empty
+    wide = StoreSnapshot(
+        snap.block_size,
+        snap.formats,
+        snap.positions,
+        snap.tokens,
+        np.concatenate([snap.k, snap.k]),
+        None if snap.v is None else np.concatenate([snap.v] * 2),
+    )
+    with pytest.raises(StoreFileError, match="layers"):
+        b.load_recall_store(wide)
+    assert b.merge_stats().store_positions == 0
+    off = make(tiny_qwen2_path, merge=dataclasses.replace(RECALL, recall=False))
+    with pytest.raises(SettingsError, match="needs recall on"):
+        off.load_recall_store(snap)
+    assert off.recall_store() is None
+    for x in (a, b, off):
+        x.close()
 
 
 def test_recall_off_has_no_store_and_the_same_stats_fields(tiny_qwen2_path):

@@ -8,7 +8,15 @@ Layers: :mod:`~edgemerge.recall.store` (the store, RAM then a spill file),
 
 from edgemerge.recall.engine import QueryCapture, RecallEngine, RecallError, RecallResult
 from edgemerge.recall.scoring import attention_shares, choose_blocks
-from edgemerge.recall.store import BlockStore, RowFormat, StoredBlock, StoreStats, StoreWarning
+from edgemerge.recall.store import (
+    BlockStore,
+    RowFormat,
+    StoredBlock,
+    StoreFileError,
+    StoreSnapshot,
+    StoreStats,
+    StoreWarning,
+)
 
 __all__ = [
     "BlockStore",
@@ -19,6 +27,8 @@ __all__ = [
     "RowFormat",
     "StoreStats",
     "StoreWarning",
+    "StoreFileError",
+    "StoreSnapshot",
     "StoredBlock",
     "attention_shares",
     "choose_blocks",

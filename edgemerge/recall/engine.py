@@ -36,7 +36,14 @@ from threadpoolctl import ThreadpoolController
 from edgemerge import native
 from edgemerge.native import kvstate
 from edgemerge.recall.scoring import attention_shares, choose_blocks
-from edgemerge.recall.store import FLOAT_TYPES, BlockStore, RowFormat, StoredBlock
+from edgemerge.recall.store import (
+    FLOAT_TYPES,
+    BlockStore,
+    RowFormat,
+    StoredBlock,
+    StoreFileError,
+    StoreSnapshot,
+)
 from edgemerge.reference import ggml_quants
 from edgemerge.settings import MergeSettings, SettingsError
 
@@ -288,6 +295,29 @@ class RecallEngine:
                 f"recall: the cache holds K/V of ggml types {got}, but the store was set up "
                 f"for {self.cache_types}; pass the context's type_k/type_v as cache_types"
             )
+
+    def load_store(self, snap: StoreSnapshot, tokens: np.ndarray, n_tokens: int) -> int:
+        """Fill the store from a saved one (after the state it was saved with was loaded),
+        keeping the positions that still belong to the sequence: before ``n_tokens``, the
+        same token, and not an exact cell of the cache now. Returns how many were kept;
+        raises :class:`StoreFileError` when the rows cannot be this cache's."""
+        positions = snap.positions.astype(np.int64)
+        keep = positions < n_tokens
+        if keep.any():
+            _, state = self.read_state()
+            stream = state.stream
+            self._check_types(stream)
+            if snap.k.shape[0] != len(stream.layers):
+                raise StoreFileError(
+                    f"the saved store has rows of {snap.k.shape[0]} layers, this cache "
+                    f"{len(stream.layers)}"
+                )
+            spans = stream.spans
+            exact = stream.positions if spans is None else spans[spans[:, 0] == spans[:, 1], 0]
+            at = np.minimum(positions, max(0, n_tokens - 1))
+            keep &= np.asarray(tokens)[at] == snap.tokens
+            keep &= ~np.isin(positions, exact)
+        return self.store.load(snap, keep)
 
     def forget_from(self, pos: int) -> None:
         """The sequence was cut at ``pos``: stored positions from there on are stale."""

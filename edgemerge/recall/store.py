@@ -39,6 +39,9 @@ F16_MAX = 65504.0
 _Q8_MAX = 127.0 * F16_MAX
 
 
+_EMPTY_ROWS = np.zeros((0, 0, 0), np.uint8)
+
+
 class StoreWarning(UserWarning):
     """Stored blocks were lost (missing or corrupt spill file); recall degrades."""
 
@@ -137,6 +140,115 @@ class StoredBlock:
             np.ascontiguousarray(self.k[:, keep]),
             None if self.v is None else np.ascontiguousarray(self.v[:, keep]),
         )
+
+
+class StoreFileError(ValueError):
+    """A saved store (:class:`StoreSnapshot` arrays) is inconsistent or does not fit."""
+
+
+_NO_FORMAT = (-1, -1, -1)
+
+
+def _format_tuple(fmt: RowFormat | None) -> tuple[int, int, int]:
+    return _NO_FORMAT if fmt is None else (fmt.cache_type, fmt.store_type, fmt.width)
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """Every position a :class:`BlockStore` holds, as flat arrays: what a saved chat
+    keeps so that, loaded again, it can still recall what had left its cache.
+
+    ``N`` positions in ascending order, rows in the store's type:
+    positions, tokens: int32 ``[N]``; k: uint8 ``[n_layer, N, k_row_bytes]``;
+    v: uint8 ``[n_layer, N, v_row_bytes]`` or None (a K-only cache).
+    ``formats``: ``(cache_type, store_type, width)`` of K and of V, ``(-1, -1, -1)`` for
+    a side kept as given.
+    """
+
+    block_size: int
+    formats: tuple[tuple[int, int, int], tuple[int, int, int]]
+    positions: np.ndarray
+    tokens: np.ndarray
+    k: np.ndarray
+    v: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        n = self.positions.shape[0] if self.positions.ndim == 1 else -1
+        if self.block_size < 1:
+            raise StoreFileError(f"block size {self.block_size} is not positive")
+        if n < 0 or self.tokens.shape != (n,):
+            raise StoreFileError(
+                f"positions {self.positions.shape} and tokens {self.tokens.shape} "
+                "are not two vectors of one length"
+            )
+        if self.positions.dtype != np.int32 or self.tokens.dtype != np.int32:
+            raise StoreFileError("positions and tokens must be int32")
+        if n and (self.positions[0] < 0 or np.any(np.diff(self.positions) <= 0)):
+            raise StoreFileError("positions must be non-negative and strictly increasing")
+        for side, rows, fmt in (("k", self.k, self.formats[0]), ("v", self.v, self.formats[1])):
+            if rows is None:
+                continue
+            if rows.dtype != np.uint8 or rows.ndim != 3 or rows.shape[1] != n:
+                raise StoreFileError(
+                    f"{side} rows must be uint8 [n_layer, {n}, bytes], got {rows.dtype} "
+                    f"{rows.shape}"
+                )
+            if fmt != _NO_FORMAT and n:
+                want = ggml_quants.row_bytes(fmt[1], fmt[2])
+                if rows.shape[2] != want:
+                    raise StoreFileError(
+                        f"{side} rows hold {rows.shape[2]} bytes, their format {fmt} needs {want}"
+                    )
+        if self.v is not None and self.v.shape[0] != self.k.shape[0]:
+            raise StoreFileError(f"k has {self.k.shape[0]} layers, v {self.v.shape[0]}")
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + (self.v.nbytes if self.v is not None else 0))
+
+    def to_arrays(self, prefix: str = "store_") -> dict[str, np.ndarray]:
+        """Named arrays for ``np.savez`` (no pickles); :meth:`from_arrays` reads them."""
+        out = {
+            "block_size": np.int64(self.block_size),
+            "formats": np.asarray(self.formats, np.int64),
+            "positions": self.positions,
+            "tokens": self.tokens,
+            "k": self.k,
+        }
+        if self.v is not None:
+            out["v"] = self.v
+        return {prefix + name: value for name, value in out.items()}
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], prefix: str = "store_"
+    ) -> StoreSnapshot | None:
+        """The snapshot saved by :meth:`to_arrays`; None when ``arrays`` holds none.
+        Raises :class:`StoreFileError` naming what is missing or inconsistent."""
+        names = ("block_size", "formats", "positions", "tokens", "k")
+        present = [n for n in names if prefix + n in arrays]
+        if not present:
+            return None
+        if len(present) != len(names):
+            missing = sorted(set(names) - set(present))
+            raise StoreFileError(f"the saved store lacks {', '.join(prefix + m for m in missing)}")
+        formats = np.asarray(arrays[prefix + "formats"])
+        if formats.shape != (2, 3):
+            raise StoreFileError(f"formats must be 2 x 3, got {formats.shape}")
+        k_fmt, v_fmt = (tuple(int(x) for x in row) for row in formats)
+        try:
+            return cls(
+                int(arrays[prefix + "block_size"]),
+                (k_fmt, v_fmt),  # type: ignore[arg-type]
+                np.asarray(arrays[prefix + "positions"]),
+                np.asarray(arrays[prefix + "tokens"]),
+                np.asarray(arrays[prefix + "k"]),
+                np.asarray(arrays[prefix + "v"]) if prefix + "v" in arrays else None,
+            )
+        except (TypeError, ValueError) as err:
+            if isinstance(err, StoreFileError):
+                raise
+            raise StoreFileError(f"the saved store cannot be read ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -257,6 +369,80 @@ class BlockStore:
             v = None if entry.v is None else _encode(v_format, _decode(old_v, entry.v))
             self._set(b, StoredBlock(entry.positions, entry.tokens, k, v))
             self._spill()
+
+    def snapshot(self) -> StoreSnapshot:
+        """Every held position (spilled blocks read back one at a time; a lost one is
+        left out, with the warning reading it gives)."""
+        entries = [e for e in (self._get(b) for b in self.blocks()) if e is not None]
+        formats = (_format_tuple(self.k_format), _format_tuple(self.v_format))
+        if not entries:
+            empty = np.zeros(0, np.int32)
+            return StoreSnapshot(self.block_size, formats, empty, empty, _EMPTY_ROWS, None)
+
+        def cat(rows: list[np.ndarray]) -> np.ndarray:
+            return np.ascontiguousarray(np.concatenate(rows, axis=1))
+
+        return StoreSnapshot(
+            self.block_size,
+            formats,
+            np.concatenate([e.positions for e in entries]),
+            np.concatenate([e.tokens for e in entries]),
+            cat([e.k for e in entries]),
+            None if entries[0].v is None else cat([e.v for e in entries]),  # type: ignore[misc]
+        )
+
+    def load(self, snap: StoreSnapshot, keep: np.ndarray | None = None) -> int:
+        """Replace the store's contents with ``snap``'s positions (those where ``keep``,
+        bool ``[N]``, is true); returns how many. Rows in another format of the same
+        cache type are converted. Raises :class:`StoreFileError` when the snapshot cannot
+        be this store's (another block size, cache type or row width)."""
+        if snap.block_size != self.block_size:
+            raise StoreFileError(
+                f"the saved store has blocks of {snap.block_size} positions, this one of "
+                f"{self.block_size}"
+            )
+        mine = (self.k_format, self.v_format)
+        for side, theirs, fmt in zip("KV", snap.formats, mine, strict=True):
+            if fmt is None or theirs == _NO_FORMAT:
+                if _format_tuple(fmt) != theirs:
+                    raise StoreFileError(f"{side}: saved as {theirs}, this store keeps {fmt}")
+            elif (theirs[0], theirs[2]) != (fmt.cache_type, fmt.width):
+                raise StoreFileError(
+                    f"{side}: the saved rows are of cache type {theirs[0]} with {theirs[2]} "
+                    f"values, this cache is of type {fmt.cache_type} with {fmt.width}"
+                )
+        self.clear()
+        sel = np.ones(snap.positions.size, bool) if keep is None else np.asarray(keep, bool)
+        if not sel.any():
+            return 0
+        saved = [None if t == _NO_FORMAT else RowFormat(*t) for t in snap.formats]
+
+        def convert(rows: np.ndarray, old: RowFormat | None, new: RowFormat | None) -> np.ndarray:
+            if old == new:
+                return rows
+            return _encode(new, _decode(old, rows))
+
+        k = convert(snap.k[:, sel], saved[0], self.k_format)
+        v = None if snap.v is None else convert(snap.v[:, sel], saved[1], self.v_format)
+        positions, tokens = snap.positions[sel], snap.tokens[sel]
+        blocks = positions // self.block_size
+        # positions ascend, so each block is one contiguous run
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        for lo, hi in zip(
+            np.concatenate([[0], bounds]).tolist(),
+            np.concatenate([bounds, [positions.size]]).tolist(),
+            strict=True,
+        ):
+            entry = StoredBlock(
+                positions[lo:hi].copy(),
+                tokens[lo:hi].copy(),
+                np.ascontiguousarray(k[:, lo:hi]),
+                None if v is None else np.ascontiguousarray(v[:, lo:hi]),
+            )
+            self._set(int(blocks[lo]), entry)
+            self._spill()
+        self._stored += int(positions.size)
+        return int(positions.size)
 
     def take(self, block: int) -> StoredBlock | None:
         """Remove and return the block (its rows go back into the cache)."""
