@@ -71,6 +71,9 @@ class MergeSettings:
             default: without it a fact from an early turn is lost once its cells merge
             (docs/chat_memory.md).
         recall_window: prompt tokens at the end of a turn whose queries score the store.
+            16 holds a short question and the template around it; a longer window
+            reaches into the previous reply, whose queries pull up blocks like it and
+            cost a 24K-token chat its answer (docs/chat_memory.md).
         recall_blocks: most blocks brought back per turn.
         recall_threshold: least attention share (of the best layer and head, averaged over
             the window) a stored block needs to come back, in [0, 1).
@@ -106,7 +109,7 @@ class MergeSettings:
     max_merge_error: float = 0.6
     eviction: Eviction = "position"
     recall: bool = True
-    recall_window: int = 32
+    recall_window: int = 16
     recall_blocks: int = 8
     recall_threshold: float = 0.0
     recall_skip_layers: float = 0.25
