@@ -461,12 +461,10 @@ def test_query_capture_matches_the_python_capture(tiny_qwen2_path):
 
 
 def _conversation(llm, turns: int):
-    words = TEXT.split()
-    messages = []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": " ".join(words[turn * 50 : turn * 50 + 50])})
-        out = llm.create_chat_completion(messages=messages, max_tokens=6, temperature=0)
-        messages.append(out["choices"][0]["message"])
+    messages: list[dict[str, str]] = []
+    for turn, message in enumerate(_turns(turns)):
+        messages.append(message)
+        messages.append({"role": "assistant", "content": _chat(llm, messages)})
         yield turn
 
 

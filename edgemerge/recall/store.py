@@ -202,10 +202,6 @@ class StoreSnapshot:
         if self.v is not None and self.v.shape[0] != self.k.shape[0]:
             raise StoreFileError(f"k has {self.k.shape[0]} layers, v {self.v.shape[0]}")
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.k.nbytes + (self.v.nbytes if self.v is not None else 0))
-
     def to_arrays(self, prefix: str = "store_") -> dict[str, np.ndarray]:
         """Named arrays for ``np.savez`` (no pickles); :meth:`from_arrays` reads them."""
         out = {
@@ -245,9 +241,9 @@ class StoreSnapshot:
                 np.asarray(arrays[prefix + "k"]),
                 np.asarray(arrays[prefix + "v"]) if prefix + "v" in arrays else None,
             )
+        except StoreFileError:
+            raise
         except (TypeError, ValueError) as err:
-            if isinstance(err, StoreFileError):
-                raise
             raise StoreFileError(f"the saved store cannot be read ({err})") from err
 
 
@@ -365,8 +361,8 @@ class BlockStore:
             entry = self._get(b)  # raw bytes: reading does not depend on the format
             if entry is None:  # lost (already counted and warned about)
                 continue
-            k = _encode(k_format, _decode(old_k, entry.k))
-            v = None if entry.v is None else _encode(v_format, _decode(old_v, entry.v))
+            k = _convert(entry.k, old_k, k_format)
+            v = None if entry.v is None else _convert(entry.v, old_v, v_format)
             self._set(b, StoredBlock(entry.positions, entry.tokens, k, v))
             self._spill()
 
@@ -416,14 +412,8 @@ class BlockStore:
         if not sel.any():
             return 0
         saved = [None if t == _NO_FORMAT else RowFormat(*t) for t in snap.formats]
-
-        def convert(rows: np.ndarray, old: RowFormat | None, new: RowFormat | None) -> np.ndarray:
-            if old == new:
-                return rows
-            return _encode(new, _decode(old, rows))
-
-        k = convert(snap.k[:, sel], saved[0], self.k_format)
-        v = None if snap.v is None else convert(snap.v[:, sel], saved[1], self.v_format)
+        k = _convert(snap.k[:, sel], saved[0], self.k_format)
+        v = None if snap.v is None else _convert(snap.v[:, sel], saved[1], self.v_format)
         positions, tokens = snap.positions[sel], snap.tokens[sel]
         blocks = positions // self.block_size
         # positions ascend, so each block is one contiguous run
@@ -596,3 +586,8 @@ def _encode(fmt: RowFormat | None, rows: np.ndarray) -> np.ndarray:
 
 def _decode(fmt: RowFormat | None, rows: np.ndarray) -> np.ndarray:
     return rows if fmt is None else fmt.decode(rows)
+
+
+def _convert(rows: np.ndarray, old: RowFormat | None, new: RowFormat | None) -> np.ndarray:
+    """Store rows kept as ``old`` -> the same values kept as ``new``."""
+    return rows if old == new else _encode(new, _decode(old, rows))
