@@ -315,23 +315,19 @@ def test_lengths_too_short_for_the_needles_raise(
         make(tok)
 
 
-def test_missing_filler_files_are_named(
-    tok: FakeTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_filler_files_are_named(tok: FakeTokenizer, tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here. Not nearly enough.")
     missing = tmp_path / "gone.txt"
     docs = (Document("gone", missing), Document("short", short))
-    monkeypatch.setattr(tasks, "FILLER_DOCS", docs)
     with pytest.raises(FidelityInputError, match=f"missing: {re.escape(str(missing))}"):
-        niah_samples(tok, BOS, lengths=(500,), depths=(0.5,))
+        niah_samples(tok, BOS, lengths=(500,), depths=(0.5,), filler_docs=docs)
 
 
 def test_a_missing_filler_file_is_skipped_when_the_others_suffice(
-    tok: FakeTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filler: None
+    tok: FakeTokenizer, tmp_path: Path, filler: None
 ) -> None:
     missing = tmp_path / "gone.txt"
-    real = tasks.FILLER_DOCS
-    monkeypatch.setattr(tasks, "FILLER_DOCS", (Document("gone", missing), *real))
-    (sample,) = niah_samples(tok, BOS, lengths=(500,), depths=(0.5,))
+    docs = (Document("gone", missing), *tasks.FILLER_DOCS)
+    (sample,) = niah_samples(tok, BOS, lengths=(500,), depths=(0.5,), filler_docs=docs)
     assert sample.context.shape == (500,)

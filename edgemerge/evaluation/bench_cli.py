@@ -20,10 +20,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
     ap.add_argument(
         "--task",
-        choices=("suite", "chat-memory"),
+        choices=("suite", "chat-memory", "retrieval"),
         default="suite",
         help="suite: the fidelity suite (default); chat-memory: multi-turn conversations "
-        "through edgemerge.Llama as `edgemerge chat` runs them, resumable",
+        "through edgemerge.Llama as `edgemerge chat` runs them; retrieval: pass keys and "
+        "needles asked of an edgemerge.Llama, recall included; both resumable",
     )
     preset = ap.add_mutually_exclusive_group()
     preset.add_argument(
@@ -68,7 +69,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "in order; the first file's settings)",
     )
     ap.add_argument("--no-progress", action="store_true")
-    chat = ap.add_argument_group("chat-memory (--task chat-memory)")
+    chat = ap.add_argument_group("product path (--task chat-memory, --task retrieval)")
     chat_bench.add_arguments(chat)
 
 
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the suite as ``args`` say; 0 on success, 2 on bad input."""
     from tqdm import tqdm
 
-    if args.task == "chat-memory":
+    if args.task in ("chat-memory", "retrieval"):
         from edgemerge.evaluation import chat_bench
 
         try:

@@ -1,7 +1,10 @@
-"""``edgemerge bench --task chat-memory``: the chat-memory task on the product's path.
+"""``edgemerge bench --task chat-memory`` and ``--task retrieval``: the product's path.
 
-Every row is an ``edgemerge.Llama`` fed turn by turn as ``edgemerge chat`` feeds it
-(:func:`edgemerge.evaluation.chat_memory.run_chat_memory`): the full cache at f16,
+Every row is an ``edgemerge.Llama``. Chat memory feeds it turn by turn as ``edgemerge
+chat`` does (:func:`edgemerge.evaluation.chat_memory.run_chat_memory`); retrieval
+evaluates a pass-key or needle context and asks its questions as prompts of their own
+(:func:`edgemerge.evaluation.retrieval.run_retrieval`), so recall runs where a user's
+program would see it. The rows: the full cache at f16,
 q8_0 and q4_0 (llama.cpp's own choices at fewer bytes), eviction only (sinks and the
 recent window, the StreamingLLM rule, on the product's own cache), BlockMerge, and
 either with recall. A merging row's budget is a fixed cell count, a percentage of
@@ -31,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from edgemerge.evaluation import chat_memory as cm
+from edgemerge.evaluation import retrieval
 from edgemerge.evaluation.stats import PairedInterval, paired_bootstrap
 from edgemerge.evaluation.texts import FidelityInputError
+
+Case = cm.ChatMemoryCase | retrieval.RetrievalCase
 
 # eviction only: nothing is close enough to merge, no cell is kept for its distinctness
 _EVICT = {"max_merge_error": 1e-6, "retain_top": 0.0}
@@ -78,13 +84,15 @@ QUICK_ROWS = ("full", "full q4_0", "evict", "blockmerge", "blockmerge+recall")
 
 @dataclass(frozen=True)
 class ChatBenchConfig:
-    """What one chat-memory run measures.
+    """What one chat-memory or retrieval run measures.
 
     Attributes:
+        task: ``"chat-memory"`` or ``"retrieval"``.
         model: registry name or GGUF path.
         split: "dev" (tune on it) or "confirm" (report only).
         n: cases per length.
-        lengths: conversation lengths in tokens.
+        lengths: conversation (or retrieval context) lengths in tokens.
+        retrieval_tasks: the retrieval tasks run (``task="retrieval"`` only).
         budgets: merging rows' budgets, in percent of each case's tokens, or in cells
             when ``budget_unit`` is "cells".
         budget_unit: "percent" or "cells".
@@ -96,12 +104,14 @@ class ChatBenchConfig:
         seed: the cases' seed.
     """
 
+    task: str = "chat-memory"
     model: str = "qwen2.5-coder-0.5b"
     split: str = "dev"
     n: int = 8
     lengths: tuple[int, ...] = (2048, 4096)
     budgets: tuple[int, ...] = (25, 40)
     budget_unit: str = "percent"
+    retrieval_tasks: tuple[str, ...] = retrieval.TASKS
     decode_steps: int = 0
     rows: tuple[ChatRow, ...] = ROWS
     merge: tuple[tuple[str, object], ...] = ()
@@ -121,7 +131,7 @@ class ChatBenchConfig:
 class Job:
     """One case through one row at one budget (None for a full row)."""
 
-    case: cm.ChatMemoryCase
+    case: Case
     row: ChatRow
     budget: int | None
     settings: dict[str, object] | None = None
@@ -138,17 +148,20 @@ class Job:
         }
         if config.decode_steps:  # absent when off, so older cache files keep their keys
             what["decode_steps"] = config.decode_steps
+        if isinstance(self.case, retrieval.RetrievalCase):
+            tokens = [self.case.context, *(q.tokens for q in self.case.queries)]
+            what["tokens"] = hashlib.sha256(b"".join(t.tobytes() for t in tokens)).hexdigest()
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def budget_cells(budget: int, case: cm.ChatMemoryCase, unit: str = "percent") -> int:
+def budget_cells(budget: int, case: Case, unit: str = "percent") -> int:
     """A merging row's cell budget on ``case``."""
     if unit == "cells":
         return budget
     return max(1, round(budget / 100 * case.n_tokens))
 
 
-def jobs(config: ChatBenchConfig, cases: Sequence[cm.ChatMemoryCase]) -> list[Job]:
+def jobs(config: ChatBenchConfig, cases: Sequence[Case]) -> list[Job]:
     """Case-major order, so a stopped run still has whole cases to pair."""
     out = []
     for case in cases:
@@ -185,7 +198,10 @@ class ResultCache:
 
 
 def _n_ctx(job: Job, config: ChatBenchConfig) -> int:
-    margin = cm.MAX_NEW_TOKENS + 64 + 16 * (len(job.case.messages) + 2)  # template tokens
+    if isinstance(job.case, retrieval.RetrievalCase):
+        margin = job.case.tail_tokens + 64
+    else:
+        margin = cm.MAX_NEW_TOKENS + 64 + 16 * (len(job.case.messages) + 2)  # template tokens
     if job.settings is None:
         return job.case.n_tokens + margin
     budget = int(job.settings["budget"])  # type: ignore[arg-type]
@@ -219,7 +235,10 @@ def run_job(job: Job, config: ChatBenchConfig) -> dict[str, Any]:
         return {**identity, "error": str(err)}
     start = time.perf_counter()
     try:
-        result = cm.run_chat_memory(llm, job.case, decode_steps=config.decode_steps)
+        if isinstance(job.case, retrieval.RetrievalCase):
+            result = retrieval.run_retrieval(llm, job.case)
+        else:
+            result = cm.run_chat_memory(llm, job.case, decode_steps=config.decode_steps)
         stats = llm.merge_stats() if merge is not None else None
     finally:
         llm.close()
@@ -260,9 +279,31 @@ def run(
     *,
     progress: Progress | None = None,
     tokenize: Callable[[str], Sequence[int]] | None = None,
-) -> tuple[list[cm.ChatMemoryCase], list[Job]]:
-    """Run every job not in ``cache`` yet; returns the cases and all jobs."""
-    cases = cm.cases(config.split, config.n, config.lengths, config.seed, tokenize=tokenize)
+    bos: Sequence[int] = (),
+) -> tuple[list[Case], list[Job]]:
+    """Run every job not in ``cache`` yet; returns the cases and all jobs.
+
+    ``tokenize`` and ``bos``: the model's tokenizer and its BOS tokens (retrieval needs
+    both; chat memory counts tokens with ``tokenize`` when given)."""
+    cases: list[Case]
+    if config.task == "retrieval":
+        if tokenize is None:
+            raise ValueError("retrieval cases are built with the model's tokenizer: pass it")
+        cases = list(
+            retrieval.cases(
+                config.split,
+                config.n,
+                config.lengths,
+                config.retrieval_tasks,
+                config.seed,
+                tokenize=tokenize,
+                bos=bos,
+            )
+        )
+    else:
+        cases = list(
+            cm.cases(config.split, config.n, config.lengths, config.seed, tokenize=tokenize)
+        )
     todo = jobs(config, cases)
     for i, job in enumerate(todo):
         if progress is not None:
@@ -362,18 +403,39 @@ def _interval(a: np.ndarray, b: np.ndarray, seed: int) -> PairedInterval | None:
 
 
 def render(
-    config: ChatBenchConfig, summaries: Sequence[RowSummary], command: str, machine: str
+    config: ChatBenchConfig,
+    summaries: Sequence[RowSummary],
+    command: str,
+    machine: str,
+    task: str | None = None,
 ) -> str:
-    """The markdown table: accuracy, answer NLL, and paired intervals."""
+    """The markdown table: accuracy, answer NLL, and paired intervals.
+
+    ``task``: the retrieval task the summaries are of (None for chat memory)."""
     full = next((s for s in summaries if s.row.label == "full"), None)
     n = int(full.correct.size) if full is not None else 0
-    unit = "% of each conversation's tokens" if config.budget_unit == "percent" else "cells"
+    lengths = ", ".join(map(str, config.lengths))
+    if task is None:
+        unit = "% of each conversation's tokens" if config.budget_unit == "percent" else "cells"
+        title = "Chat memory"
+        what = (
+            f"{n} conversations ({config.n} per length; lengths {lengths} tokens), facts at "
+            f"varying depth; budgets in {unit}, held from the first turn."
+        )
+    else:
+        unit = "% of each context's tokens" if config.budget_unit == "percent" else "cells"
+        title = f"Retrieval, {task}"
+        questions = f"{retrieval.N_NEEDLES} questions each, " if task == "multi_needle" else ""
+        what = (
+            f"{n} contexts ({config.n} per length; lengths {lengths} tokens; {questions}"
+            f"the needle at varying depth), each question a prompt of its own after the "
+            f"context; accuracy: questions answered; budgets in {unit}, held from the first "
+            "chunk."
+        )
     lines = [
-        f"### Chat memory, {Path(str(config.model)).name}, {config.split} split",
+        f"### {title}, {Path(str(config.model)).name}, {config.split} split",
         "",
-        f"{n} conversations ({config.n} per length; lengths {', '.join(map(str, config.lengths))} "
-        f"tokens), facts at varying depth; budgets in {unit}, held from the first turn. "
-        "Δ: paired mean difference with its 95% bootstrap interval; "
+        f"{what} Δ: paired mean difference with its 95% bootstrap interval; "
         "verdicts only where the interval excludes zero. NLL: answer tokens, nats/token.",
         "",
         f"Command: `{command}`",
@@ -387,7 +449,7 @@ def render(
     if n == 0:
         return "\n".join(lines + ["", "(no case finished by every row yet)"])
     for s in summaries:
-        acc = f"{int(s.correct.sum())}/{n}"
+        acc = f"{_count(s.correct)}/{n}"
         d_acc = d_nll = vs = q4 = ""
         if s.row.label != "full":
             ia = _interval(s.correct, full.correct, config.seed)
@@ -405,6 +467,12 @@ def render(
         )
     lines += ["", *_frontier(summaries), "", *_recall_lines(summaries)]
     return "\n".join(lines)
+
+
+def _count(correct: np.ndarray) -> str:
+    """Cases answered: whole for chat memory, with quarters where a case asks several."""
+    total = float(correct.sum())
+    return f"{total:.0f}" if total.is_integer() else f"{total:.2f}"
 
 
 def _fmt_speed(x: float) -> str:
@@ -444,7 +512,7 @@ def _frontier(summaries: Sequence[RowSummary]) -> list[str]:
         on = nll < best
         best = min(best, nll)
         out.append(
-            f"| {s.kv_bytes / 2**20:.1f} | {s.name} | {int(s.correct.sum())}/{s.correct.size} | "
+            f"| {s.kv_bytes / 2**20:.1f} | {s.name} | {_count(s.correct)}/{s.correct.size} | "
             f"{nll:.3f} | {'yes' if on else ''} | {s.store_bytes / 2**20:.1f} |"
         )
     return out
@@ -475,9 +543,11 @@ def _recall_lines(summaries: Sequence[RowSummary]) -> list[str]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The chat-memory flags of ``edgemerge bench`` (``--task chat-memory``)."""
+    """The flags of ``edgemerge bench --task chat-memory`` and ``--task retrieval``."""
     ap.add_argument("--split", choices=cm.SPLITS, default="dev")
-    ap.add_argument("--cases", type=int, default=8, help="conversations per length")
+    ap.add_argument(
+        "--cases", type=int, default=8, help="conversations (retrieval: contexts) per length"
+    )
     ap.add_argument(
         "--budget-cells",
         action="store_true",
@@ -491,18 +561,27 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--lengths", type=int, nargs="+", help="conversation lengths in tokens")
     ap.add_argument(
+        "--retrieval-tasks",
+        nargs="+",
+        choices=retrieval.TASKS,
+        help="--task retrieval: which tasks (default: all)",
+    )
+    ap.add_argument(
         "--cache",
         type=Path,
         help="JSONL of finished (case, row) results to resume from "
-        "(default: ~/.cache/edgemerge/bench/chat_memory-MODEL-SPLIT.jsonl)",
+        "(default: ~/.cache/edgemerge/bench/TASK-MODEL-SPLIT.jsonl)",
     )
 
 
 def config_from_args(
     args: argparse.Namespace, merge: tuple[tuple[str, object], ...]
 ) -> ChatBenchConfig:
-    config = ChatBenchConfig(split=args.split, n=args.cases)
+    task = getattr(args, "task", "chat-memory")
+    config = ChatBenchConfig(task=task, split=args.split, n=args.cases)
     changes: dict[str, object] = {"merge": merge}
+    if task == "retrieval":
+        changes.update(lengths=(2048,), budgets=(25, 35, 50))
     if args.quick:
         changes.update(
             n=2,
@@ -510,9 +589,13 @@ def config_from_args(
             budgets=(25,),
             rows=tuple(r for r in ROWS if r.label in QUICK_ROWS),
         )
+    if getattr(args, "retrieval_tasks", None):
+        if task != "retrieval":
+            raise ValueError("--retrieval-tasks goes with --task retrieval")
+        changes["retrieval_tasks"] = tuple(dict.fromkeys(args.retrieval_tasks))
     if args.models:
         if len(args.models) != 1:
-            raise ValueError("--task chat-memory runs one model at a time (give one --models)")
+            raise ValueError(f"--task {task} runs one model at a time (give one --models)")
         changes["model"] = args.models[0]
     if args.lengths:
         changes["lengths"] = tuple(args.lengths)
@@ -532,7 +615,7 @@ def config_from_args(
 
         check_rows(args.rows, [r.label for r in ROWS])
         if "full" not in args.rows:
-            raise ValueError("--rows: the chat-memory table pairs every row with 'full'; keep it")
+            raise ValueError(f"--rows: the {task} table pairs every row with 'full'; keep it")
         changes["rows"] = tuple(r for r in ROWS if r.label in args.rows)
     return dataclasses.replace(config, **changes)
 
@@ -543,7 +626,8 @@ def default_cache(config: ChatBenchConfig) -> Path:
     # a registry name keeps its dots ("qwen2.5-coder-0.5b"); a path loses .gguf
     name = Path(str(config.model)).name
     stem = name[: -len(".gguf")] if name.endswith(".gguf") else name
-    return cache_dir() / "bench" / f"chat_memory-{stem}-{config.split}.jsonl"
+    prefix = config.task.replace("-", "_")
+    return cache_dir() / "bench" / f"{prefix}-{stem}-{config.split}.jsonl"
 
 
 def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object], ...]) -> int:
@@ -558,7 +642,7 @@ def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object]
         print(f"edgemerge bench: {err}", file=sys.stderr)
         return 2
     cache = ResultCache(args.cache or default_cache(config))
-    bar = tqdm(desc="chat-memory", unit="run", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(desc=config.task, unit="run", disable=args.no_progress, file=sys.stderr)
 
     def progress(done: int, total: int, what: str) -> None:
         bar.total = total
@@ -567,15 +651,24 @@ def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object]
         bar.refresh()
 
     try:
-        tokenize = _tokenizer(config.model)
-        _, all_jobs = run(config, cache, progress=progress, tokenize=tokenize)
+        tokenize, bos = _tokenizer(config.model)
+        _, all_jobs = run(config, cache, progress=progress, tokenize=tokenize, bos=bos)
     except (FidelityInputError, FileNotFoundError) as err:
         print(f"edgemerge bench: {err}", file=sys.stderr)
         return 2
     finally:
         bar.close()
     threads = config.n_threads or max(1, os.cpu_count() or 1)
-    text = render(config, summarise(config, all_jobs, cache), command, machine_line(threads))
+    machine = machine_line(threads)
+    if config.task == "retrieval":
+        # one table per task: a pass key and four needles are not one score
+        parts = []
+        for task in config.retrieval_tasks:
+            mine = [job for job in all_jobs if getattr(job.case, "task", None) == task]
+            parts.append(render(config, summarise(config, mine, cache), command, machine, task))
+        text = "\n\n".join(parts)
+    else:
+        text = render(config, summarise(config, all_jobs, cache), command, machine)
     skipped = infeasible(config, all_jobs, cache)
     if skipped:
         text += "\n\n" + "\n".join(skipped)
@@ -588,11 +681,13 @@ def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object]
     return 0
 
 
-def _tokenizer(model: str) -> Callable[[str], Sequence[int]]:
-    """The model's own tokenizer (vocabulary only), so case lengths are exact."""
+def _tokenizer(model: str) -> tuple[Callable[[str], Sequence[int]], list[int]]:
+    """The model's own tokenizer (vocabulary only), so case lengths are exact, and its
+    BOS tokens (none for a model without one)."""
     import llama_cpp
 
     from edgemerge.models import resolve_model
 
     llm = llama_cpp.Llama(str(resolve_model(model)), vocab_only=True, verbose=False)
-    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
+    bos = llm.tokenize(b"", add_bos=True, special=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False), bos

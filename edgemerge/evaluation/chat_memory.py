@@ -489,13 +489,15 @@ class ChatMemoryResult:
     decode_tok_s: float = math.nan
 
 
-def _n_cells(llm: Any) -> int:
+def cells_now(llm: Any) -> int:
+    """Cells the cache of ``llm`` holds now (0 before the first evaluation)."""
     from edgemerge.native import kvcells
 
     return len(kvcells.list_cells(llm)) if llm.n_tokens else 0
 
 
-def _bytes_per_cell(llm: Any) -> int:
+def bytes_per_cell(llm: Any) -> int:
+    """K and V bytes of one cell over every layer of ``llm``'s cache."""
     from edgemerge.native import kvmerge
     from edgemerge.reference.ggml_quants import row_bytes
 
@@ -507,14 +509,16 @@ def _bytes_per_cell(llm: Any) -> int:
     )
 
 
-def _last_logits(llm: Any) -> np.ndarray:
+def last_logits(llm: Any) -> np.ndarray:
+    """float64 ``[n_vocab]``: the logits of the last evaluated token."""
     import llama_cpp
 
     ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
-def _nll(logits: np.ndarray, target: int) -> float:
+def token_nll(logits: np.ndarray, target: int) -> float:
+    """``-log softmax(logits)[target]`` in nats."""
     top = float(logits.max())
     return float(top + math.log(np.exp(logits - top).sum()) - logits[target])
 
@@ -570,7 +574,7 @@ def run_chat_memory(
         # one call per user turn, as the chat makes it; the canned reply replaces the
         # token generated here (never evaluated) in the next call's prompt
         reply_to(history, 1)
-        peak = max(peak, _n_cells(llm))
+        peak = max(peak, cells_now(llm))
     history.append({"role": "user", "content": case.question})
     reply, n_prompt = reply_to(history, max_new_tokens)
     correct = normalise(case.answer) in normalise(reply)
@@ -584,8 +588,8 @@ def run_chat_memory(
     for i, token in enumerate([last] + target[:-1]):
         llm.eval([token])
         if i == 0:
-            final_cells = _n_cells(llm)
-        nlls.append(_nll(_last_logits(llm), target[i]))
+            final_cells = cells_now(llm)
+        nlls.append(token_nll(last_logits(llm), target[i]))
     peak = max(peak, final_cells)
     decode_tok_s = math.nan
     if decode_steps > 0:
@@ -600,7 +604,7 @@ def run_chat_memory(
         prompt_tokens=n_prompt,
         peak_cells=peak,
         final_cells=final_cells,
-        kv_bytes=final_cells * _bytes_per_cell(llm),
+        kv_bytes=final_cells * bytes_per_cell(llm),
         decode_tok_s=decode_tok_s,
     )
 

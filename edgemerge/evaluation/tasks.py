@@ -16,12 +16,13 @@ Tasks:
 * ``lcc``: LongBench-LCC-style code completion on CPython standard-library sources:
   given the code before a line, produce that line (scored by edit similarity).
 
-The haystack is real prose: the documents of :data:`FILLER_DOCS` in order (missing ones
-are skipped), always from their start, cut to exactly the number of tokens a sample
-needs. Texts are tokenized piece by piece (sentences, or lines of overlong sentences),
-and needles go between pieces, so a needle never splits a word and sits at a token
-boundary; its actual depth is the piece boundary nearest to the requested one (recorded
-in ``meta``). Everything is deterministic for a seed: sample ``i`` of a call draws from
+The haystack is real prose: the documents of :data:`FILLER_DOCS` (or a call's
+``filler_docs``) in order (missing ones are skipped), always from their start, cut to
+exactly the number of tokens a sample needs. Texts are tokenized piece by piece
+(sentences, or lines of overlong sentences), and needles go between pieces, so a needle
+never splits a word and sits at a token boundary; its actual depth is the piece
+boundary nearest to the requested one (recorded in ``meta``). Everything is
+deterministic for a seed: sample ``i`` of a call draws from
 ``np.random.default_rng(seed + i)``.
 """
 
@@ -275,8 +276,15 @@ class _Haystack:
     starts: list[int]
 
     @classmethod
-    def load(cls, tokenize: Tokenize, bos: Sequence[int], intro: str, longest: int) -> _Haystack:
-        """Tokenize :data:`FILLER_DOCS` (missing files skipped) until ``longest`` fits.
+    def load(
+        cls,
+        tokenize: Tokenize,
+        bos: Sequence[int],
+        intro: str,
+        longest: int,
+        filler_docs: Sequence[Document] = FILLER_DOCS,
+    ) -> _Haystack:
+        """Tokenize ``filler_docs`` (missing files skipped) until ``longest`` fits.
 
         Raises:
             FidelityInputError: the available documents hold too few tokens.
@@ -286,7 +294,7 @@ class _Haystack:
         need = max(1, longest - len(bos_ids) - len(intro_ids))
         filler: list[int] = []
         starts: list[int] = []
-        for doc in FILLER_DOCS:
+        for doc in filler_docs:
             if not doc.exists():
                 continue
             text = doc.read().replace("\r\n", "\n").replace("\f", "").strip()
@@ -300,7 +308,7 @@ class _Haystack:
                     return cls(tokenize, bos_ids, intro_ids, filler, starts)
         raise FidelityInputError(
             f"the filler documents hold {len(filler)} tokens, fewer than the {need} needed"
-            f"{missing_note(FILLER_DOCS)}; lower n_context/lengths or provide the missing files"
+            f"{missing_note(filler_docs)}; lower n_context/lengths or provide the missing files"
         )
 
     def sample(
@@ -368,6 +376,7 @@ def passkey_samples(
     n_context: int,
     depths: Sequence[float],
     seed: int = 0,
+    filler_docs: Sequence[Document] = FILLER_DOCS,
 ) -> list[Sample]:
     """One pass-key sample of exactly ``n_context`` tokens per depth (in order).
 
@@ -381,7 +390,7 @@ def passkey_samples(
     n_context = _positive("n_context", n_context)
     depths = _depths(depths)
     seed = _positive("seed", seed, least=0)
-    haystack = _Haystack.load(tokenize, bos, PASSKEY_INTRO, n_context)
+    haystack = _Haystack.load(tokenize, bos, PASSKEY_INTRO, n_context, filler_docs)
     samples = []
     for index, depth in enumerate(depths):
         key = str(int(np.random.default_rng(seed + index).integers(10_000, 100_000)))
@@ -402,6 +411,7 @@ def niah_samples(
     lengths: Sequence[int],
     depths: Sequence[float],
     seed: int = 0,
+    filler_docs: Sequence[Document] = FILLER_DOCS,
 ) -> list[Sample]:
     """The needle-in-a-haystack grid: one sample per (length, depth), lengths outermost.
 
@@ -414,7 +424,7 @@ def niah_samples(
     lengths = _positives("lengths", lengths)
     depths = _depths(depths)
     seed = _positive("seed", seed, least=0)
-    haystack = _Haystack.load(tokenize, bos, NEEDLE_INTRO, max(lengths))
+    haystack = _Haystack.load(tokenize, bos, NEEDLE_INTRO, max(lengths), filler_docs)
     samples = []
     for index, (length, depth) in enumerate((ln, dp) for ln in lengths for dp in depths):
         rng = np.random.default_rng(seed + index)
@@ -436,6 +446,7 @@ def multi_needle_samples(
     n_needles: int = 4,
     n_samples: int = 1,
     seed: int = 0,
+    filler_docs: Sequence[Document] = FILLER_DOCS,
 ) -> list[Sample]:
     """``n_samples`` contexts, each with ``n_needles`` magic-number needles.
 
@@ -454,7 +465,7 @@ def multi_needle_samples(
         raise FidelityInputError(
             f"n_needles={n_needles} exceeds the {len(CITIES)} distinct cities; use fewer needles"
         )
-    haystack = _Haystack.load(tokenize, bos, NEEDLE_INTRO, n_context)
+    haystack = _Haystack.load(tokenize, bos, NEEDLE_INTRO, n_context, filler_docs)
     depths = tuple((j + 1) / (n_needles + 1) for j in range(n_needles))
     samples = []
     for index in range(n_samples):
