@@ -411,6 +411,18 @@ def test_choose_blocks_takes_the_best_above_threshold():
     assert choose_blocks(np.zeros(3), 2, 0.0).tolist() == []
 
 
+def test_choose_blocks_brings_the_following_blocks_with_a_chosen_one():
+    # stored blocks 3, 4, 7, 9 (block 8 is not stored: it is exact in the cache)
+    ids = np.array([3, 4, 7, 9])
+    score = np.array([0.1, 0.0, 0.5, 0.3])
+    assert choose_blocks(score, 8, 0.0, ids, following=1).tolist() == [2, 3, 0, 1]
+    assert choose_blocks(score, 3, 0.0, ids, following=1).tolist() == [2, 3, 0]
+    assert choose_blocks(score, 8, 0.0, ids, following=2).tolist() == [2, 3, 0, 1]
+    assert choose_blocks(score, 8, 0.0, ids, following=0).tolist() == [2, 3, 0]
+    # a block below the threshold still comes as a follower, but never leads
+    assert choose_blocks(score, 8, 0.2, ids, following=1).tolist() == [2, 3]
+
+
 # -- settings --------------------------------------------------------------------------
 
 
@@ -494,10 +506,13 @@ def test_budget_holds_and_stored_rows_come_back_byte_identical(tiny_qwen2_path):
     # force one restore of a known block and compare bytes with what was stored
     b = engine.store.blocks()[0]
     before = engine.store.get(b)
+    follower_stored = b + 1 in engine.store.blocks()
     from edgemerge.recall.engine import _cell_rows
 
     result = _restore_block(engine, llm, b)
-    assert result.blocks == 1
+    # the block comes back with its follower (recall_following=1) where that is stored
+    assert result.blocks == 1 + follower_stored
+    assert b not in engine.store.blocks() and b + 1 not in engine.store.blocks()
     _, state = engine.read_state()
     k, v = _cell_rows(state.stream)
     idx = [int(np.flatnonzero(state.stream.positions == p)[0]) for p in before.positions]
@@ -662,7 +677,7 @@ def test_q8_store_restores_q8_values_and_stores_fewer_bytes(tiny_qwen2_path, qty
     assert before.k.shape[-1] == 34 and before.v.shape[-1] == 34  # 32 values per cell row
     from edgemerge.recall.engine import _cell_rows
 
-    assert _restore_block(engine, llm, b).blocks == 1
+    assert _restore_block(engine, llm, b).blocks >= 1  # with its follower where stored
     _, state = engine.read_state()
     k, v = _cell_rows(state.stream)
     assert state.stream.v_trans and state.stream.layers[0].k_type == t

@@ -463,15 +463,16 @@ def _answer_noun(fact: Fact) -> str:
 
 
 @dataclass(frozen=True)
-class ChatMemoryResult:
-    """One row on one case.
+class CaseResult:
+    """One row on one case of a product-path bench (chat memory or retrieval).
 
     Attributes:
-        correct: the answer occurs in the greedy reply (case-insensitive).
+        correct: the share of the case's questions whose answer occurs in the greedy
+            reply (case-insensitive); a chat-memory case asks one, so 0.0 or 1.0.
         answer_nll: mean NLL (nats/token) of the answer's tokens, teacher forced right
-            after the question's generation prompt.
-        reply: the greedy reply.
-        prompt_tokens: logical tokens of the last prompt (the whole conversation).
+            after the question (a mean over the questions where there are several).
+        reply: the greedy reply (replies joined by " | " where there are several).
+        prompt_tokens: logical tokens of the (first) question's prompt, context included.
         peak_cells: the most KV cells the sequence held after any turn.
         final_cells: KV cells when the question had been read.
         kv_bytes: ``final_cells`` times the KV bytes of one cell.
@@ -479,7 +480,7 @@ class ChatMemoryResult:
             (the timed steps after the answer; NaN when none were asked for).
     """
 
-    correct: bool
+    correct: float
     answer_nll: float
     reply: str
     prompt_tokens: int
@@ -487,6 +488,24 @@ class ChatMemoryResult:
     final_cells: int
     kv_bytes: int
     decode_tok_s: float = math.nan
+
+
+def forced_answer_nll(llm: Any, n_prompt: int, target: Sequence[int]) -> tuple[list[float], int]:
+    """NLL (nats) of each ``target`` token, teacher forced right after the prompt's
+    ``n_prompt`` tokens, and the cells the cache held once the prompt was read.
+
+    Rewinds ``llm`` to the prompt's last token and evaluates it and the target one
+    token per decode, so that each step's logits are the only ones llama.cpp keeps.
+    """
+    last = int(llm.input_ids[n_prompt - 1])
+    llm.n_tokens = n_prompt - 1
+    nlls, final_cells = [], 0
+    for i, token in enumerate([last, *target[:-1]]):
+        llm.eval([int(token)])
+        if i == 0:
+            final_cells = cells_now(llm)
+        nlls.append(token_nll(last_logits(llm), int(target[i])))
+    return nlls, final_cells
 
 
 def cells_now(llm: Any) -> int:
@@ -534,7 +553,7 @@ def run_chat_memory(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     decode_steps: int = 0,
-) -> ChatMemoryResult:
+) -> CaseResult:
     """Feed ``case`` turn by turn into ``llm`` as ``edgemerge chat`` does, then score.
 
     Args:
@@ -578,18 +597,8 @@ def run_chat_memory(
     history.append({"role": "user", "content": case.question})
     reply, n_prompt = reply_to(history, max_new_tokens)
     correct = normalise(case.answer) in normalise(reply)
-    # Rewind to the question's last token and force the answer after it, one token per
-    # decode so that each step's logits are the only ones llama.cpp keeps.
-    last = int(llm.input_ids[n_prompt - 1])
-    final_cells = 0
     target = [int(t) for t in llm.tokenize(case.answer.encode(), add_bos=False, special=False)]
-    llm.n_tokens = n_prompt - 1
-    nlls = []
-    for i, token in enumerate([last] + target[:-1]):
-        llm.eval([token])
-        if i == 0:
-            final_cells = cells_now(llm)
-        nlls.append(token_nll(last_logits(llm), target[i]))
+    nlls, final_cells = forced_answer_nll(llm, n_prompt, target)
     peak = max(peak, final_cells)
     decode_tok_s = math.nan
     if decode_steps > 0:
@@ -597,8 +606,8 @@ def run_chat_memory(
         for i in range(decode_steps):
             llm.eval([target[i % len(target)]])
         decode_tok_s = decode_steps / (time.perf_counter() - start)
-    return ChatMemoryResult(
-        correct=bool(correct),
+    return CaseResult(
+        correct=float(correct),
         answer_nll=float(np.mean(nlls)),
         reply=reply,
         prompt_tokens=n_prompt,

@@ -73,24 +73,6 @@ class RetrievalCase:
         return max(q.tokens.shape[0] + q.max_new_tokens for q in self.queries)
 
 
-@dataclass(frozen=True)
-class RetrievalResult:
-    """What one case scored; the fields the product-path bench records.
-
-    ``correct`` is the share of questions answered (0..1), ``answer_nll`` the mean over
-    questions of each answer's mean NLL (nats/token), ``reply`` the answers joined.
-    """
-
-    correct: float
-    answer_nll: float
-    reply: str
-    prompt_tokens: int
-    peak_cells: int
-    final_cells: int
-    kv_bytes: int
-    decode_tok_s: float = float("nan")
-
-
 def cases(
     split: str,
     n: int,
@@ -171,7 +153,7 @@ def _sample(
     return samples[0]
 
 
-def run_retrieval(llm: Any, case: RetrievalCase) -> RetrievalResult:
+def run_retrieval(llm: Any, case: RetrievalCase) -> cm.CaseResult:
     """Evaluate ``case`` in ``llm`` and answer its questions (see the module docstring).
 
     Args:
@@ -211,17 +193,11 @@ def run_retrieval(llm: Any, case: RetrievalCase) -> RetrievalResult:
         scores.append(tasks.score_answer(query, text))
         # the query ends right before the answer, which follows after a space
         target = [int(t) for t in llm.tokenize((" " + query.answer).encode(), add_bos=False)]
-        last = int(query.tokens[-1])
-        llm.n_tokens = n_prompt - 1
-        answer = []
-        for i, token in enumerate([last] + target[:-1]):
-            llm.eval([token])
-            if i == 0:
-                final_cells = max(final_cells, cm.cells_now(llm))
-            answer.append(cm.token_nll(cm.last_logits(llm), target[i]))
+        answer, cells = cm.forced_answer_nll(llm, n_prompt, target)
+        final_cells = max(final_cells, cells)
         nlls.append(float(np.mean(answer)))
     peak = max(peak, final_cells)
-    return RetrievalResult(
+    return cm.CaseResult(
         correct=float(np.mean(scores)),
         answer_nll=float(np.mean(nlls)),
         reply=" | ".join(replies),

@@ -395,12 +395,19 @@ class RecallEngine:
                 self._block_layers(),
             )
         best = float(block_score.max()) if block_score.size else 0.0
-        chosen = [order[i] for i in choose_blocks(block_score, s.recall_blocks, s.recall_threshold)]
+        picked = choose_blocks(
+            block_score, s.recall_blocks, s.recall_threshold, np.array(order), s.recall_following
+        )
+        chosen = [order[i] for i in picked]
         if not chosen:
             return RecallResult(0, 0, 0, 0, best)
 
-        protected = (pos < s.sinks) | (pos >= n_tokens - s.recent)
         bs = s.block_size
+        protected = (pos < s.sinks) | (pos >= n_tokens - s.recent)
+        # a chosen block's followers that are already exact stay: they hold the value
+        # the question is after as much as the restored ones do
+        near = np.array([b + k for b in chosen for k in range(1, s.recall_following + 1)], np.int64)
+        protected |= (spans[:, 0] == spans[:, 1]) & np.isin(pos // bs, near)
         while chosen:
             lo = np.array([b * bs for b in chosen])
             in_chosen = np.zeros(n, bool)

@@ -95,8 +95,34 @@ def attention_shares(
     return block_score, cell_score
 
 
-def choose_blocks(block_score: np.ndarray, max_blocks: int, threshold: float) -> np.ndarray:
-    """Indices of the blocks to restore: the best ``max_blocks`` scoring at least
-    ``threshold`` (and above zero), best first."""
-    order = np.argsort(-block_score, kind="stable")[:max_blocks]
-    return order[(block_score[order] >= threshold) & (block_score[order] > 0)]
+def choose_blocks(
+    block_score: np.ndarray,
+    max_blocks: int,
+    threshold: float,
+    block_ids: np.ndarray | None = None,
+    following: int = 0,
+) -> np.ndarray:
+    """Indices of the blocks to restore: blocks scoring at least ``threshold`` (and above
+    zero), best first, each followed by the stored blocks among the ``following`` block
+    ids after its own; at most ``max_blocks`` in all.
+
+    Args:
+        block_score: float [n_blocks].
+        block_ids: int [n_blocks], the block id of each score (None: 0..n_blocks-1).
+        following: blocks after a chosen one that come with it (when stored).
+    """
+    ids = np.arange(block_score.size) if block_ids is None else np.asarray(block_ids)
+    index_of = {int(b): i for i, b in enumerate(ids.tolist())}
+    order = np.argsort(-block_score, kind="stable")
+    order = order[(block_score[order] >= threshold) & (block_score[order] > 0)]
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for i in order.tolist():
+        if len(chosen) >= max_blocks:
+            break
+        b = int(ids[i])
+        for j in [i] + [index_of.get(b + k, -1) for k in range(1, following + 1)]:
+            if j >= 0 and j not in seen and len(chosen) < max_blocks:
+                seen.add(j)
+                chosen.append(j)
+    return np.array(chosen, np.intp)
