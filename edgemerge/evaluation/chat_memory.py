@@ -335,6 +335,20 @@ def _approx_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
+def check_case_args(split: str, n: object, seed: object) -> None:
+    """The arguments every case builder takes: a known split, ``n >= 1``, ``seed >= 0``.
+
+    Raises:
+        FidelityInputError: naming the argument and what it must be.
+    """
+    if split not in SPLITS:
+        raise FidelityInputError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise FidelityInputError(f"n must be an integer >= 1 (cases per length), got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise FidelityInputError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def cases(
     split: Split = "dev",
     n: int = 4,
@@ -360,12 +374,7 @@ def cases(
     Raises:
         FidelityInputError: a bad argument, or the split's material is missing.
     """
-    if split not in _SPLIT_SEED:
-        raise FidelityInputError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise FidelityInputError(f"n must be an integer >= 1 (cases per length), got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise FidelityInputError(f"seed must be an integer >= 0, got {seed!r}")
+    check_case_args(split, n, seed)
     if isinstance(lengths, (int, np.integer)) or not lengths:
         raise FidelityInputError(f"lengths must be a non-empty sequence, got {lengths!r}")
     for length in lengths:

@@ -88,15 +88,10 @@ def cases(
     Raises:
         FidelityInputError: a bad argument, or the split's documents are missing.
     """
-    if split not in _SPLIT_SEED:
-        raise FidelityInputError(f"split must be one of {cm.SPLITS}, got {split!r}")
+    cm.check_case_args(split, n, seed)
     unknown = [t for t in task_names if t not in TASKS]
     if unknown or not task_names:
         raise FidelityInputError(f"retrieval tasks must be among {TASKS}, got {task_names!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise FidelityInputError(f"n must be an integer >= 1 (cases per length), got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise FidelityInputError(f"seed must be an integer >= 0, got {seed!r}")
     docs = _FILLER[split]
     out = []
     index = 0
