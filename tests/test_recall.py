@@ -506,24 +506,34 @@ def test_budget_holds_and_stored_rows_come_back_byte_identical(tiny_qwen2_path):
     # force one restore of a known block and compare bytes with what was stored
     b = engine.store.blocks()[0]
     before = engine.store.get(b)
-    follower_stored = b + 1 in engine.store.blocks()
     from edgemerge.recall.engine import _cell_rows
 
-    result = _restore_block(engine, llm, b)
-    # the block comes back with its follower (recall_following=1) where that is stored
-    assert result.blocks == 1 + follower_stored
-    assert b not in engine.store.blocks() and b + 1 not in engine.store.blocks()
+    result = _restore_block(engine, llm, b, following=0)
+    assert result.blocks == 1
     _, state = engine.read_state()
     k, v = _cell_rows(state.stream)
     idx = [int(np.flatnonzero(state.stream.positions == p)[0]) for p in before.positions]
     np.testing.assert_array_equal(k[:, idx], before.k)
     np.testing.assert_array_equal(v[:, idx], before.v)
     assert len(kvcells.list_cells(llm)) <= RECALL.budget_cells(llm.n_tokens)
+
+    # with recall_following=1 (the default) a block whose follower is stored brings it
+    held = engine.store.blocks()
+    b = next(x for x in held if x + 1 in held)
+    follower = engine.store.get(b + 1)
+    assert _restore_block(engine, llm, b, following=1).blocks == 2
+    assert b not in engine.store.blocks() and b + 1 not in engine.store.blocks()
+    _, state = engine.read_state()
+    k, _ = _cell_rows(state.stream)
+    idx = [int(np.flatnonzero(state.stream.positions == p)[0]) for p in follower.positions]
+    np.testing.assert_array_equal(k[:, idx], follower.k)
+    assert len(kvcells.list_cells(llm)) <= RECALL.budget_cells(llm.n_tokens)
     llm.close()
 
 
-def _restore_block(engine, llm, block):
-    """Recall with scores rigged so that exactly ``block`` wins."""
+def _restore_block(engine, llm, block, following=0):
+    """Recall with scores rigged so that exactly ``block`` wins, bringing ``following``
+    blocks after it (``recall_following``)."""
     import edgemerge.recall.engine as eng
 
     real = eng.attention_shares
@@ -534,11 +544,14 @@ def _restore_block(engine, llm, block):
         bscore = np.where(np.array(order) == block, 1.0, 0.0).astype(np.float32)
         return bscore, cscore
 
+    settings = engine.settings
     eng.attention_shares = rigged
+    engine.settings = dataclasses.replace(settings, recall_following=following)
     try:
         return engine.recall(llm.input_ids, llm.n_tokens, RECALL.budget_cells(llm.n_tokens))
     finally:
         eng.attention_shares = real
+        engine.settings = settings
 
 
 def test_rewind_forgets_stored_positions_beyond_the_cut(tiny_qwen2_path):
@@ -677,7 +690,7 @@ def test_q8_store_restores_q8_values_and_stores_fewer_bytes(tiny_qwen2_path, qty
     assert before.k.shape[-1] == 34 and before.v.shape[-1] == 34  # 32 values per cell row
     from edgemerge.recall.engine import _cell_rows
 
-    assert _restore_block(engine, llm, b).blocks >= 1  # with its follower where stored
+    assert _restore_block(engine, llm, b).blocks == 1
     _, state = engine.read_state()
     k, v = _cell_rows(state.stream)
     assert state.stream.v_trans and state.stream.layers[0].k_type == t
