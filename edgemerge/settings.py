@@ -79,9 +79,10 @@ class MergeSettings:
             question's queries match the words that name a fact ("the pass key is"),
             and the value after them often starts in the next block, which scores low
             on its own: with eviction and recall, four needles per context were
-            answered 3/12 without it and 12/12 with one (dev; docs/retrieval.md).
-            A following block already exact in the cache is kept there while room
-            is made.
+            answered 3/12 without it and 12/12 with one on the dev split, but on the
+            confirm split neither setting was ahead (docs/retrieval.md), so the
+            default stays 0. A following block already exact in the cache is kept
+            there while room is made.
         recall_threshold: least attention share (of the best layer and head, averaged over
             the window) a stored block needs to come back, in [0, 1).
         recall_skip_layers: share of the model's layers, counted from the input, whose
@@ -118,7 +119,7 @@ class MergeSettings:
     recall: bool = True
     recall_window: int = 16
     recall_blocks: int = 8
-    recall_following: int = 1
+    recall_following: int = 0
     recall_threshold: float = 0.0
     recall_skip_layers: float = 0.25
     recall_reeval: int = 32

@@ -517,7 +517,7 @@ def test_budget_holds_and_stored_rows_come_back_byte_identical(tiny_qwen2_path):
     np.testing.assert_array_equal(v[:, idx], before.v)
     assert len(kvcells.list_cells(llm)) <= RECALL.budget_cells(llm.n_tokens)
 
-    # with recall_following=1 (the default) a block whose follower is stored brings it
+    # with recall_following=1 a block whose follower is stored brings it
     held = engine.store.blocks()
     b = next(x for x in held if x + 1 in held)
     follower = engine.store.get(b + 1)
