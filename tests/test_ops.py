@@ -23,6 +23,17 @@ NMSE_TOL = 1e-10
 MAX_REL_TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, params=["fused", "vec"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test twice on the CPU: the fused per-head path where the build has it, and the
+    vec-helper path (EDGEMERGE_MERGE_ROWS_VEC=1), which other targets run."""
+    if request.param == "vec":
+        monkeypatch.setenv("EDGEMERGE_MERGE_ROWS_VEC", "1")
+    else:
+        monkeypatch.delenv("EDGEMERGE_MERGE_ROWS_VEC", raising=False)
+    return request.param
+
+
 def random_groups(rng: np.random.Generator, n_rows: int, n_group: int, max_size: int = 6):
     sizes = rng.integers(1, max_size + 1, size=n_group)
     sizes[: min(3, n_group)] = 2  # always exercise the two-member (SLERP) path
@@ -53,7 +64,8 @@ def nmse(got: np.ndarray, want: np.ndarray) -> float:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("magnitude,slerp", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize("n_head,head_dim", [(2, 64), (1, 256), (4, 32)])
+# head_dim 48 is no multiple of GGML_F32_STEP: the vec-helper path, not the fused one
+@pytest.mark.parametrize("n_head,head_dim", [(2, 64), (1, 256), (4, 32), (2, 48)])
 def test_native_matches_reference(backend, qtype, magnitude, slerp, n_head, head_dim):
     rng = np.random.default_rng(n_head * 1000 + head_dim)
     n_embd, n_rows, n_group = n_head * head_dim, 64, 24
@@ -210,3 +222,20 @@ def test_invalid_arguments_are_errors_not_aborts(over, message):
 def test_bad_row_shape_is_rejected_in_python():
     with pytest.raises(ValueError, match="rows must be"):
         _call(rows=np.zeros((4, 10), np.uint8), qtype="q8_0")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 0])
+def test_the_benchmark_entry_point_merges_as_the_op_does(n_threads):
+    """The kernel bench's timed runs (with the backend's threads set, or its default for 0)
+    give the same rows as one plain run."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 128)) + 2.0).astype(np.float32)
+    idx, offsets = random_groups(rng, 64, 12)
+    w = normalised_weights(rng, offsets, 2)
+    want = ops.merge_rows(x, "f32", 128, idx, w, offsets, 2)
+    got, secs = ops.time_merge_rows(
+        x, "f32", 128, idx, w, offsets, 2, n_iter=2, n_threads=n_threads
+    )
+    assert secs > 0 and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="n_threads"):
+        ops.time_merge_rows(x, "f32", 128, idx, w, offsets, 2, n_threads=-1)

@@ -30,6 +30,7 @@ def merge_rows(
     slerp: bool = True,
     backend: str = "CPU",
     _n_iter: int = 0,
+    _n_threads: int = 0,
 ) -> np.ndarray:
     """Run ``GGML_OP_MERGE_ROWS`` once on ``backend``.
 
@@ -94,21 +95,28 @@ def merge_rows(
         ),
         out,
         _n_iter,
+        _n_threads,
     )
 
 
-def _run(fn, args: tuple, out: np.ndarray, n_iter: int):  # noqa: ANN001, ANN202
+def _run(fn, args: tuple, out: np.ndarray, n_iter: int, n_threads: int = 0):  # noqa: ANN001, ANN202
     if n_iter <= 0:
         native.check(fn(*args))
         return out
     secs = native.ffi().new("double *")
-    native.check(native.lib().edgemerge_merge_rows_bench(*args, n_iter, secs))
+    native.check(native.lib().edgemerge_merge_rows_bench(*args, n_iter, n_threads, secs))
     return out, float(secs[0])
 
 
-def time_merge_rows(*args, n_iter: int = 10, **kwargs) -> tuple[np.ndarray, float]:  # noqa: ANN002, ANN003
+def time_merge_rows(  # noqa: ANN002, ANN003
+    *args, n_iter: int = 10, n_threads: int = 0, **kwargs
+) -> tuple[np.ndarray, float]:
     """:func:`merge_rows` plus the mean seconds of ``n_iter`` further runs of the compute
-    alone (inputs already on the backend): the kernel benchmark's measurement."""
+    alone (inputs already on the backend): the kernel benchmark's measurement.
+
+    ``n_threads``: the backend's threads (0: its default; ggml's CPU backend uses 4)."""
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    return merge_rows(*args, _n_iter=n_iter, **kwargs)
+    if n_threads < 0:
+        raise ValueError(f"n_threads must be >= 0, got {n_threads}")
+    return merge_rows(*args, _n_iter=n_iter, _n_threads=n_threads, **kwargs)

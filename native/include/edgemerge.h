@@ -82,13 +82,15 @@ EDGEMERGE_API int edgemerge_merge_rows(const char * backend, int type, const voi
                                        float * out);
 
 /* edgemerge_merge_rows, then n_iter more runs of the compute alone (inputs stay on the
- * backend), reporting the mean seconds per run: the kernel benchmark's entry point. */
+ * backend), reporting the mean seconds per run: the kernel benchmark's entry point.
+ * n_threads > 0 sets the backend's threads (as llama.cpp sets them from its context);
+ * 0 keeps the backend's default (ggml's CPU backend: 4, however many cores there are). */
 EDGEMERGE_API int edgemerge_merge_rows_bench(const char * backend, int type, const void * rows,
                                              int64_t n_embd, int64_t n_rows,
                                              const int32_t * idx, int64_t n_src,
                                              const float * w, const int32_t * offs,
                                              int64_t n_group, int32_t n_head, int32_t flags,
-                                             float * out, int32_t n_iter,
+                                             float * out, int32_t n_iter, int32_t n_threads,
                                              double * seconds_per_iter);
 /* Per-cell metadata of the patched KV cache (native/patches/0002-0003): every cell has an
  * attention bias added to its KQ-mask entry (0 by default) and the span

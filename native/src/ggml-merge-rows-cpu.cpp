@@ -8,9 +8,14 @@
 // - each member row is turned into f32 once: f32 rows are used in place, f16/bf16
 //   go through the CPU backend's SIMD row conversions, q8_0/q4_0 through the block
 //   loops below, into a thread-local scratch row;
-// - the per-head sums (norms, weighted direction) use the CPU backend's vec
-//   helpers (ggml_vec_dot_f32, ggml_vec_mad_f32, ggml_vec_scale_f32) on head_dim
-//   contiguous floats, accumulating straight into the output row;
+// - the per-head sums (norms, weighted direction) accumulate straight into the
+//   output row. On x86 with AVX2, FMA and F16C (where this kernel is built and
+//   checked) and a head_dim that is a multiple of GGML_F32_STEP, they are inline
+//   loops of ggml's SIMD macros, every member read in its own type and converted
+//   in registers, not into a scratch row;
+//   elsewhere they call the CPU backend's vec helpers (ggml_vec_dot_f32,
+//   ggml_vec_mad_f32), whose call and remainder overhead is most of the op's time
+//   at head_dim 64;
 // - threads split the members, not the groups: thread t owns the members
 //   [t*n_src/nth, (t+1)*n_src/nth) and the groups that start there, so a few
 //   large groups load the threads as evenly as many small ones. A large group
@@ -30,7 +35,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+
+// The fused per-head path needs ggml's 8-wide AVX mappings with FMA and F16C; AVX-512
+// builds (16-wide) and other targets keep the vec-helper path, which is the one checked
+// there by the same tests.
+#if defined(GGML_SIMD) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
+    !defined(__AVX512F__)
+#define EDGEMERGE_MERGE_ROWS_FUSED 1
+#endif
 
 namespace {
 
@@ -58,6 +72,7 @@ struct merge_args {
     ggml_to_float_t to_float;
     size_t row_bytes;
     int64_t n_src;
+    bool fused;  // the fused per-head path applies (see EDGEMERGE_MERGE_ROWS_FUSED)
 };
 
 float dot(const float * x, const float * y, int64_t n) {
@@ -138,11 +153,208 @@ void prefetch_row(const merge_args & m, int32_t row) {
     }
 }
 
+#ifdef EDGEMERGE_MERGE_ROWS_FUSED
+// Elements [i, i + 8) of a member row as f32, converted in registers: no scratch row.
+GGML_F32_VEC load_vec(const float * x, int64_t i) {
+    return GGML_F32_VEC_LOAD(x + i);
+}
+
+GGML_F32_VEC load_vec(const ggml_fp16_t * x, int64_t i) {
+    return GGML_F16_VEC_LOAD(x + i, 0);
+}
+
+// bf16 is the high half of an f32
+GGML_F32_VEC load_vec(const ggml_bf16_t * x, int64_t i) {
+    const __m128i h = _mm_loadu_si128((const __m128i *) (x + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// sum of x*x over the head at elements [i0, i0 + hd) (hd a multiple of GGML_F32_STEP)
+template <typename T>
+float head_sum_sq(const T * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+    GGML_F32_VEC s[GGML_F32_ARR];
+    for (int k = 0; k < GGML_F32_ARR; ++k) {
+        s[k] = GGML_F32_VEC_ZERO;
+    }
+    for (int64_t i = i0; i < i0 + hd; i += GGML_F32_STEP) {
+        for (int k = 0; k < GGML_F32_ARR; ++k) {
+            const GGML_F32_VEC v = load_vec(x, i + k * GGML_F32_EPR);
+            s[k] = GGML_F32_VEC_FMA(s[k], v, v);
+        }
+    }
+    ggml_float r;
+    GGML_F32_VEC_REDUCE(r, s);
+    return (float) r;
+}
+
+// One slice of 32 values: the accumulator stays in 4 registers across a chunk's members.
+constexpr int64_t kSlice = 32;
+constexpr int kSliceVecs = kSlice / GGML_F32_EPR;
+
+// acc += k * x[i, i + 32)
+template <typename T>
+void slice_mad(GGML_F32_VEC * acc, const T * GGML_RESTRICT x, int64_t i, float k) {
+    const GGML_F32_VEC vk = GGML_F32_VEC_SET1(k);
+    for (int v = 0; v < kSliceVecs; ++v) {
+        acc[v] = GGML_F32_VEC_FMA(acc[v], load_vec(x, i + v * GGML_F32_EPR), vk);
+    }
+}
+
+// Quantized heads: the norm pass squares the integers (a block's sum times d^2, no
+// conversion), and only the accumulate pass converts, with d folded into the weight.
+// Heads span whole blocks: hd is a multiple of GGML_F32_STEP (32) = QK8_0 = QK4_0.
+static_assert(GGML_F32_EPR == 8 && GGML_F32_ARR == 4 && QK8_0 == 32 && QK4_0 == 32,
+              "blocks of 32, 8-wide vectors, 4 of them per reduction");
+
+// sum over a block of q*q, q signed bytes in [-127, 127] (sign trick: |q| * |q| pairwise)
+__m256 block_sum_sq(__m256i q, float d) {
+    const __m256i a = _mm256_sign_epi8(q, q);
+    const __m256i pairs = _mm256_maddubs_epi16(a, a);
+    const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(quads), _mm256_set1_ps(d * d));
+}
+
+// the 32 values of a q4_0 block as signed bytes in [-8, 7], in element order
+__m256i q4_0_bytes(const block_q4_0 & b) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *) b.qs);
+    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+float head_sum_sq(const block_q8_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t b = i0 / QK8_0; b < (i0 + hd) / QK8_0; ++b) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *) x[b].qs);
+        s = _mm256_add_ps(s, block_sum_sq(q, GGML_CPU_FP16_TO_FP32(x[b].d)));
+    }
+    GGML_F32_VEC r[GGML_F32_ARR] = {s, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO};
+    ggml_float sum;
+    GGML_F32_VEC_REDUCE(sum, r);
+    return (float) sum;
+}
+
+float head_sum_sq(const block_q4_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t b = i0 / QK4_0; b < (i0 + hd) / QK4_0; ++b) {
+        s = _mm256_add_ps(s, block_sum_sq(q4_0_bytes(x[b]), GGML_CPU_FP16_TO_FP32(x[b].d)));
+    }
+    GGML_F32_VEC r[GGML_F32_ARR] = {s, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO};
+    ggml_float sum;
+    GGML_F32_VEC_REDUCE(sum, r);
+    return (float) sum;
+}
+
+// acc += kd * q for one block's 32 signed bytes (d folded into kd)
+void block_mad(GGML_F32_VEC * acc, __m256i q, float kd) {
+    const GGML_F32_VEC vk = GGML_F32_VEC_SET1(kd);
+    const __m128i lo = _mm256_castsi256_si128(q);
+    const __m128i hi = _mm256_extracti128_si256(q, 1);
+    const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int v = 0; v < 4; ++v) {
+        const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[v]));
+        acc[v] = GGML_F32_VEC_FMA(acc[v], x, vk);
+    }
+}
+
+void slice_mad(GGML_F32_VEC * acc, const block_q8_0 * GGML_RESTRICT x, int64_t i, float k) {
+    const block_q8_0 & b = x[i / QK8_0];
+    block_mad(acc, _mm256_loadu_si256((const __m256i *) b.qs), k * GGML_CPU_FP16_TO_FP32(b.d));
+}
+
+void slice_mad(GGML_F32_VEC * acc, const block_q4_0 * GGML_RESTRICT x, int64_t i, float k) {
+    const block_q4_0 & b = x[i / QK4_0];
+    block_mad(acc, q4_0_bytes(b), k * GGML_CPU_FP16_TO_FP32(b.d));
+}
+
+// out[n_embd] += sum over the chunk's members c of coef[c, h] * row_c, slice by slice
+template <typename T>
+void chunk_mad(const merge_args & m, float * out, const T * const * rows, const float * coef,
+               int32_t nc) {
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        for (int64_t i = h * m.hd; i < (h + 1) * m.hd; i += kSlice) {
+            GGML_F32_VEC acc[kSliceVecs];
+            for (int v = 0; v < kSliceVecs; ++v) {
+                acc[v] = GGML_F32_VEC_LOAD(out + i + v * GGML_F32_EPR);
+            }
+            for (int32_t c = 0; c < nc; ++c) {
+                const float k = coef[c * m.n_head + h];
+                if (k != 0.0f) {  // zero rows (magnitude) add nothing
+                    slice_mad(acc, rows[c], i, k);
+                }
+            }
+            for (int v = 0; v < kSliceVecs; ++v) {
+                GGML_F32_VEC_STORE(out + i + v * GGML_F32_EPR, acc[v]);
+            }
+        }
+    }
+}
+
+// accumulate() on the fused path: the same sums, chunked the same way, the members read
+// in their own type
+template <typename T>
+void accumulate_fused(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag) {
+    memset(acc, 0, m.n_embd * sizeof(float));
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        mag[h] = 0.0;
+    }
+    const int64_t hd = m.hd;
+    const T * rows[kChunk];
+    float coef[kChunk * kMaxHeadsFast];
+    for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int32_t nc = std::min<int32_t>(kChunk, j1 - c0);
+        for (int32_t c = 0; c < nc; ++c) {
+            const int32_t j = c0 + c;
+            if (j + kPrefetchAhead < m.n_src) {
+                prefetch_row(m, m.ix[j + kPrefetchAhead]);
+            }
+            rows[c] = (const T *) row_ptr(m, m.ix[j]);
+        }
+        if (!m.magnitude) {
+            chunk_mad(m, acc, rows, m.wt + (int64_t) c0 * m.n_head, nc);
+            continue;
+        }
+        for (int32_t c = 0; c < nc; ++c) {
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                coef[c * m.n_head + h] = head_sum_sq(rows[c], h * hd, hd);
+            }
+        }
+        for (int32_t c = 0; c < nc; ++c) {
+            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
+            for (int64_t h = 0; h < m.n_head; ++h) {
+                const float n = std::sqrt(coef[c * m.n_head + h]);
+                mag[h] += (double) wj[h] * n;
+                coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
+            }
+        }
+        chunk_mad(m, acc, rows, coef, nc);
+    }
+}
+#endif
+
 // acc[n_embd] = the members [j0, j1) per head: sum w x, or with magnitude the direction
 // sum w x/|x|, and mag[h] = sum w |x|. Members go in chunks of kChunk so that their
 // norms (dot, sqrt, divide: a latency chain per head) overlap instead of serialising.
 void accumulate(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag,
                 float * scratch) {
+#ifdef EDGEMERGE_MERGE_ROWS_FUSED
+    if (m.fused) {
+        switch (m.a->type) {
+            case GGML_TYPE_F32:
+                return accumulate_fused<float>(m, j0, j1, acc, mag);
+            case GGML_TYPE_F16:
+                return accumulate_fused<ggml_fp16_t>(m, j0, j1, acc, mag);
+            case GGML_TYPE_BF16:
+                return accumulate_fused<ggml_bf16_t>(m, j0, j1, acc, mag);
+            case GGML_TYPE_Q8_0:
+                return accumulate_fused<block_q8_0>(m, j0, j1, acc, mag);
+            case GGML_TYPE_Q4_0:
+                return accumulate_fused<block_q4_0>(m, j0, j1, acc, mag);
+            default:
+                break;  // fused is false for other types
+        }
+    }
+#endif
     memset(acc, 0, m.n_embd * sizeof(float));
     for (int64_t h = 0; h < m.n_head; ++h) {
         mag[h] = 0.0;
@@ -355,6 +567,17 @@ void ggml_compute_forward_merge_rows(const ggml_compute_params * params, ggml_te
     const int64_t n_group = dst->ne[1];
     const int64_t n_src = m.of[n_group];
     m.n_src = n_src;
+    m.fused = false;
+#ifdef EDGEMERGE_MERGE_ROWS_FUSED
+    // EDGEMERGE_MERGE_ROWS_VEC=1 takes the vec-helper path: how the tests check it and
+    // the benchmark compares the two on one machine
+    const char * force_vec = getenv("EDGEMERGE_MERGE_ROWS_VEC");
+    const bool fused_type = a->type == GGML_TYPE_F32 || a->type == GGML_TYPE_F16 ||
+                            a->type == GGML_TYPE_BF16 || a->type == GGML_TYPE_Q8_0 ||
+                            a->type == GGML_TYPE_Q4_0;
+    m.fused = fused_type && m.hd % GGML_F32_STEP == 0 && m.n_head <= kMaxHeadsFast &&
+              !(force_vec && strcmp(force_vec, "1") == 0);
+#endif
     const int ith = params->ith;
     const int nth = params->nth;
 

@@ -83,7 +83,8 @@ static int validate(int type, int64_t n_embd, int64_t n_rows, const int32_t * id
 static int merge_rows_run(const char * backend_name, int type, const void * rows, int64_t n_embd,
                           int64_t n_rows, const int32_t * idx, int64_t n_src, const float * w,
                           const int32_t * offs, int64_t n_group, int32_t n_head, int32_t flags,
-                          float * out, int32_t n_iter, double * seconds_per_iter) {
+                          float * out, int32_t n_iter, int32_t n_threads,
+                          double * seconds_per_iter) {
     if (!backend_name || !rows || !idx || !w || !offs || !out) {
         return edgemerge_fail(EDGEMERGE_EINVAL, "merge_rows: a required pointer is NULL");
     }
@@ -97,6 +98,17 @@ static int merge_rows_run(const char * backend_name, int type, const void * rows
     if (!backend) {
         return edgemerge_fail(EDGEMERGE_EBACKEND,
                               "merge_rows: no ggml backend named '%s' in this build", backend_name);
+    }
+    if (n_threads > 0) {
+        /* the generic way llama.cpp sets a backend's threads: a registry proc, absent on
+         * backends without threads (a GPU), where the count means nothing */
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(backend));
+        ggml_backend_set_n_threads_t set_threads =
+            (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(
+                reg, "ggml_backend_set_n_threads");
+        if (set_threads) {
+            set_threads(backend, n_threads);
+        }
     }
 
     struct ggml_init_params ip = {
@@ -161,18 +173,23 @@ int edgemerge_merge_rows(const char * backend_name, int type, const void * rows,
                          const int32_t * offs, int64_t n_group, int32_t n_head, int32_t flags,
                          float * out) {
     return merge_rows_run(backend_name, type, rows, n_embd, n_rows, idx, n_src, w, offs, n_group,
-                          n_head, flags, out, 0, NULL);
+                          n_head, flags, out, 0, 0, NULL);
 }
 
 int edgemerge_merge_rows_bench(const char * backend_name, int type, const void * rows,
                                int64_t n_embd, int64_t n_rows, const int32_t * idx, int64_t n_src,
                                const float * w, const int32_t * offs, int64_t n_group,
                                int32_t n_head, int32_t flags, float * out, int32_t n_iter,
-                               double * seconds_per_iter) {
+                               int32_t n_threads, double * seconds_per_iter) {
     if (n_iter < 1 || seconds_per_iter == NULL) {
         return edgemerge_fail(EDGEMERGE_EINVAL, "merge_rows_bench: need n_iter >= 1 (got %d) and "
                               "a seconds_per_iter pointer", n_iter);
     }
+    if (n_threads < 0) {
+        return edgemerge_fail(EDGEMERGE_EINVAL,
+                              "merge_rows_bench: n_threads must be >= 0 (0: the backend's "
+                              "default), got %d", n_threads);
+    }
     return merge_rows_run(backend_name, type, rows, n_embd, n_rows, idx, n_src, w, offs, n_group,
-                          n_head, flags, out, n_iter, seconds_per_iter);
+                          n_head, flags, out, n_iter, n_threads, seconds_per_iter);
 }
