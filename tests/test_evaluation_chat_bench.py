@@ -184,3 +184,50 @@ def test_cache_file_names_keep_the_model_name_whole() -> None:
     )
     assert a.name == "chat_memory-qwen2.5-coder-0.5b-dev.jsonl"
     assert b.name == "chat_memory-qwen2.5-coder-0.5b-confirm.jsonl"
+
+
+def test_the_default_row_runs_the_default_settings() -> None:
+    from edgemerge.settings import MergeSettings
+
+    (row,) = _rows(cb.DEFAULT_ROW)
+    assert row.product and row.merge is not None
+    assert MergeSettings.from_dict({**row.merge, "budget": 512}) == MergeSettings(budget=512)
+
+
+def _summary(label: str, budget: int | None, correct: list[float], nll: list[float]):  # noqa: ANN202
+    import numpy as np
+
+    (row,) = _rows(label)
+    return cb.RowSummary(row, budget, np.array(correct), np.array(nll), 1.0, 1.0, ())
+
+
+def test_product_rows_are_paired_with_the_default_at_their_budget() -> None:
+    summaries = [
+        _summary("full", None, [1, 1, 1, 1], [0.1, 0.1, 0.2, 0.1]),
+        _summary("evict", 25, [0, 0, 1, 0], [3.0, 3.1, 0.4, 2.9]),
+        _summary("evict+recall", 25, [1, 1, 1, 1], [0.1, 0.2, 0.1, 0.1]),
+        _summary("evict+recall", 40, [1, 1, 1, 1], [0.1, 0.2, 0.1, 0.1]),
+        _summary(cb.DEFAULT_ROW, 25, [1, 0, 1, 0], [0.9, 1.2, 1.0, 1.1]),
+    ]
+    lines = cb.against_default(summaries, seed=0)
+    # only the product row with a default at its budget; the baseline and full are not paired
+    (pair,) = [line for line in lines if line.startswith("- ")]
+    assert pair.startswith("- evict+recall @25%: Δacc +0.50 [")
+    assert pair.endswith(f"by NLL it beats {cb.DEFAULT_ROW} @25%")
+    assert cb.against_default(summaries[:4], seed=0) == []
+
+
+def test_a_job_key_holds_the_resolved_settings(config: cb.ChatBenchConfig, tokenize) -> None:  # noqa: ANN001
+    from edgemerge.settings import MergeSettings
+
+    (case,) = cm.cases("dev", 1, [1024], tokenize=tokenize)
+    (row,) = _rows("blockmerge+recall")
+    default_window = MergeSettings().recall_window
+
+    def key(**fields: object) -> str:
+        return cb.Job(case, row, 25, {"recall": True, "budget": 300, **fields}).key(config)
+
+    # naming a field at its default is the same job; another value is a new one, so a
+    # changed default can never reuse results measured under the old one
+    assert key() == key(recall_window=default_window)
+    assert key() != key(recall_window=default_window + 8)

@@ -79,6 +79,8 @@ ROWS: tuple[ChatRow, ...] = (
     ChatRow("blockmerge+recall", merge=_RECALL, product=True),
     ChatRow("blockmerge+recall q8_0", "q8_0", merge=_RECALL, product=True),
 )
+# the row that runs MergeSettings' defaults: the other product rows are paired with it
+DEFAULT_ROW = "blockmerge+recall"
 QUICK_ROWS = ("full", "full q4_0", "evict", "blockmerge", "blockmerge+recall")
 
 
@@ -137,12 +139,24 @@ class Job:
     settings: dict[str, object] | None = None
 
     def key(self, config: ChatBenchConfig) -> str:
-        """What the cached result depends on: the case, the row's settings and chunking."""
+        """What the cached result depends on: the case, the row's settings and chunking.
+
+        The settings enter resolved, every MergeSettings field with its value, so that a
+        changed default is a new job instead of a silent reuse of results measured under
+        the old one."""
+        from edgemerge.settings import MergeSettings, SettingsError
+
+        resolved = self.settings
+        if self.settings is not None:
+            try:
+                resolved = MergeSettings.from_dict(dict(self.settings)).to_dict()
+            except SettingsError:
+                pass  # the job records its error under the settings as given
         what = {
             "case": [self.case.label, self.case.seed, self.case.n_tokens],
             "row": self.row.label,
             "cache_type": self.row.cache_type,
-            "settings": self.settings,
+            "settings": resolved,
             "n_batch": config.n_batch,
             "model": str(config.model),
         }
@@ -425,10 +439,14 @@ def render(
     else:
         unit = "% of each context's tokens" if config.budget_unit == "percent" else "cells"
         title = f"Retrieval, {task}"
-        questions = f"{retrieval.N_NEEDLES} questions each, " if task == "multi_needle" else ""
+        if task == "multi_needle":
+            n_needles = retrieval.N_NEEDLES
+            where = f"{n_needles} needles at {n_needles} evenly spaced depths, a question each"
+        else:
+            where = "the needle at varying depth"
         what = (
-            f"{n} contexts ({config.n} per length; lengths {lengths} tokens; {questions}"
-            f"the needle at varying depth), each question a prompt of its own after the "
+            f"{n} contexts ({config.n} per length; lengths {lengths} tokens; {where}), "
+            "each question a prompt of its own after the "
             f"context; accuracy: questions answered; budgets in {unit}, held from the first "
             "chunk."
         )
@@ -465,8 +483,38 @@ def render(
             f"| {s.name} | {acc} | {s.nll.mean():.3f} | {d_acc} | {d_nll} | {vs} | {q4} | "
             f"{s.kv_bytes / 2**20:.1f} | {s.seconds:.1f} | {_fmt_speed(s.decode_tok_s)} |"
         )
-    lines += ["", *_frontier(summaries), "", *_recall_lines(summaries)]
+    default = against_default(summaries, config.seed)
+    lines += ["", *(default + [""] if default else []), *_frontier(summaries)]
+    lines += ["", *_recall_lines(summaries)]
     return "\n".join(lines)
+
+
+def against_default(summaries: Sequence[RowSummary], seed: int) -> list[str]:
+    """Each other product row against the default row at the same budget, case by case:
+    which of the product's own configurations to run (the main table pairs them only with
+    the full cache and the baselines)."""
+    default = {s.budget: s for s in summaries if s.row.label == DEFAULT_ROW}
+    out = []
+    for s in summaries:
+        d = default.get(s.budget)
+        if d is None or s is d or not s.row.product:
+            continue
+        ia = _interval(s.correct, d.correct, seed)
+        inl = _interval(s.nll, d.nll, seed)
+        if ia is None or inl is None:
+            continue
+        out.append(
+            f"- {s.name}: Δacc {ia.format()}, ΔNLL {inl.format()}; by NLL it "
+            f"{inl.verdict(higher_is_better=False)} {d.name}"
+        )
+    if not out:
+        return []
+    head = (
+        f"Against {DEFAULT_ROW} (the product's defaults, with any --merge fields) at the "
+        "same budget, "
+        "paired by case; Δ: the row minus the default:"
+    )
+    return [head, "", *out]
 
 
 def _count(correct: np.ndarray) -> str:
@@ -666,6 +714,13 @@ def main(args: argparse.Namespace, command: str, merge: tuple[tuple[str, object]
         for task in config.retrieval_tasks:
             mine = [job for job in all_jobs if getattr(job.case, "task", None) == task]
             parts.append(render(config, summarise(config, mine, cache), command, machine, task))
+        pooled = against_default(summarise(config, all_jobs, cache), config.seed)
+        if len(config.retrieval_tasks) > 1 and pooled:
+            parts.append(
+                f"### Retrieval, every task pooled, {Path(str(config.model)).name}, "
+                f"{config.split} split\n\nEach context one case (a four-needle context scores "
+                "the share of its questions answered). " + "\n".join(pooled)
+            )
         text = "\n\n".join(parts)
     else:
         text = render(config, summarise(config, all_jobs, cache), command, machine)
