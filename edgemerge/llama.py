@@ -55,10 +55,12 @@ class MergeStats:
         eval_time_s: seconds spent evaluating tokens (prefill and decode).
         store_positions: positions whose original K/V the recall store holds.
         store_ram_bytes, store_disk_bytes: the store's bytes in RAM and in its spill file.
-        recall_turns: prompts that ran recall; recall_hits: those that brought blocks back.
+        recall_turns: times recall ran (prompts, and replies' recalls); recall_hits: those
+            that brought blocks back.
+        reply_recalls: recalls inside replies (``MergeSettings.recall_every``).
         blocks_restored: blocks brought back in all.
         recall_time_s: seconds spent storing, scoring and restoring (incl. re-evaluation).
-        tokens_reevaluated: prompt tokens evaluated a second time after a restore.
+        tokens_reevaluated: tokens evaluated a second time after a restore.
     """
 
     cells: int
@@ -81,6 +83,7 @@ class MergeStats:
     blocks_restored: int = 0
     recall_time_s: float = 0.0
     tokens_reevaluated: int = 0
+    reply_recalls: int = 0
 
 
 _llamalog.install()  # llama-cpp-python's own log filter mixes up ggml's levels
@@ -160,6 +163,8 @@ class Llama(llama_cpp.Llama):
         )
         self._recall_time = 0.0
         self._reevaluated = 0
+        self._reply_recalls = 0
+        self._decoded_since_recall = 0  # decoded tokens of the reply since its last recall
         self._set_recall(merge)
 
     def _set_recall(self, merge: MergeSettings) -> None:
@@ -239,15 +244,26 @@ class Llama(llama_cpp.Llama):
             return
         t0 = time.perf_counter()
         if self.n_tokens != self._cache_end:
-            # a rewind (prefix reuse, regenerate, reset): cut there, then recount
+            # a rewind (prefix reuse, regenerate, reset): cut there, then recount; a reply's
+            # count of decoded tokens starts again from here
             self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
             self._replay_evicted_tail()
+            self._decoded_since_recall = 0
+            if self._recall is not None and self._recall.capture.armed:
+                self._recall.capture.disarm()
         tokens = self._replay_cut_spans(list(tokens))
         if self.n_tokens != self._cache_end:
             self._cells = len(kvcells.list_cells(self)) if self.n_tokens else 0
         # a prompt (not one decoded token) ends with recall: capture its last queries
         recall = self._recall is not None and len(tokens) > 1
         window = self.merge_settings.recall_window
+        every = self.merge_settings.recall_every
+        # in a reply, every `every` decoded tokens recall too: capture the last `window`
+        # of them, the capture staying armed from one decode to the next
+        in_reply = self._recall is not None and every > 0 and len(tokens) == 1
+        if not in_reply:
+            self._decoded_since_recall = 0
+        keep_armed = False
         try:
             for i in range(0, len(tokens), self.n_batch):
                 batch = tokens[i : i + self.n_batch]
@@ -257,25 +273,33 @@ class Llama(llama_cpp.Llama):
                         f"exceed n_ctx_logical={self._n_ctx}"
                     )
                 self._make_room(len(batch))
-                if (
-                    recall
-                    and not self._recall.capture.armed
-                    and i + len(batch) > len(tokens) - window
-                ):
+                arm = (recall and i + len(batch) > len(tokens) - window) or (
+                    in_reply and self._decoded_since_recall >= every - window
+                )
+                if arm and not self._recall.capture.armed:
                     self._recall.capture.arm()
                 super().eval(batch)
                 self._cells += len(batch)
+            keep_armed = in_reply
         finally:
-            if self._recall is not None and self._recall.capture.armed:
+            if self._recall is not None and self._recall.capture.armed and not keep_armed:
                 self._recall.capture.disarm()
+        if in_reply:
+            self._decoded_since_recall += 1
+            if self._decoded_since_recall >= every:
+                self._recall.capture.disarm()
+                self._decoded_since_recall = 0
+                self._reply_recalls += 1
+                self._recall_turn()
         if recall:
             self._recall_turn()
         self._cache_end = self.n_tokens
         self._eval_time += time.perf_counter() - t0
 
     def _recall_turn(self) -> None:
-        """Bring back the stored blocks the prompt's last queries attend to, then evaluate
-        the prompt's last ``recall_reeval`` tokens again so the reply sees them."""
+        """Bring back the stored blocks the captured queries attend to (a prompt's last
+        ones, or a reply's last decoded ones), then evaluate the last ``recall_reeval``
+        tokens again so that what follows sees them."""
         t0 = time.perf_counter()
         s = self.merge_settings
         budget = min(s.budget_cells(self.n_tokens), self.n_ctx())
@@ -393,6 +417,7 @@ class Llama(llama_cpp.Llama):
                 blocks_restored=self._recall.blocks_restored,
                 recall_time_s=self._recall_time,
                 tokens_reevaluated=self._reevaluated,
+                reply_recalls=self._reply_recalls,
             )
         return MergeStats(
             cells=cells,

@@ -92,6 +92,11 @@ class MergeSettings:
         recall_reeval: prompt tokens evaluated again after a restore, so that the reply's
             first token sees what came back (0 keeps the first pass); at most
             ``recent - 1`` of them, since older cells may have been merged or evicted.
+        recall_every: in a reply, recall again after this many decoded tokens, scored by
+            the queries of the last ``recall_window`` of them (0: only at the end of a
+            prompt). A reply that quotes a long passage needs more of it than one turn's
+            ``recall_blocks`` bring back; the blocks its own tokens point at come next.
+            Each time costs a restore and ``recall_reeval`` tokens evaluated again.
         store_ram_mb: MiB of stored blocks kept in RAM; the rest spills to a file under
             the cache directory.
         store_type: how the store keeps the original rows: "cache" in the cache's own type,
@@ -123,6 +128,7 @@ class MergeSettings:
     recall_threshold: float = 0.0
     recall_skip_layers: float = 0.25
     recall_reeval: int = 32
+    recall_every: int = 0
     store_ram_mb: int = 512
     store_type: StoreType = "cache"
 
@@ -170,6 +176,13 @@ class MergeSettings:
         _check_float("recall_threshold", self.recall_threshold, 0.0, 1.0, hi_open=True)
         _check_float("recall_skip_layers", self.recall_skip_layers, 0.0, 1.0, hi_open=True)
         _check_int("recall_reeval", self.recall_reeval, 0, 4096)
+        _check_int("recall_every", self.recall_every, 0, 1 << 20)
+        if 0 < self.recall_every < self.recall_window:
+            raise SettingsError(
+                f"recall_every: {self.recall_every} is shorter than recall_window "
+                f"({self.recall_window}): each recall in a reply scores the last "
+                "recall_window decoded tokens; raise recall_every or lower recall_window"
+            )
         _check_int("store_ram_mb", self.store_ram_mb, 0, 1 << 24)
         if self.store_type not in STORE_TYPES:
             raise SettingsError(

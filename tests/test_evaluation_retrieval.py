@@ -35,7 +35,12 @@ def vocab(tiny_qwen2_path: Path):  # noqa: ANN201
 
 @pytest.fixture(autouse=True)
 def _documents() -> None:
-    require_documents(retrieval._FILLER["dev"][:1] + retrieval._FILLER["confirm"][:1])
+    require_documents(
+        retrieval._FILLER["dev"][:1]
+        + retrieval._FILLER["confirm"][:1]
+        + retrieval._PASSAGES["dev"]
+        + retrieval._PASSAGES["confirm"]
+    )
 
 
 def _cases(vocab, split: str = "dev", **kw: object) -> list[retrieval.RetrievalCase]:  # noqa: ANN001
@@ -46,9 +51,10 @@ def _cases(vocab, split: str = "dev", **kw: object) -> list[retrieval.RetrievalC
 
 def test_cases_per_task_and_split(vocab) -> None:  # noqa: ANN001
     dev = _cases(vocab)
-    assert [c.task for c in dev] == ["passkey"] * 2 + ["niah"] * 2 + ["multi_needle"] * 2
+    tasks = ["passkey"] * 2 + ["niah"] * 2 + ["multi_needle"] * 2 + ["repeat"] * 2
+    assert [c.task for c in dev] == tasks
     assert all(c.context.shape == (768,) and c.n_tokens == 768 for c in dev)
-    assert [len(c.queries) for c in dev] == [1, 1, 1, 1, 4, 4]
+    assert [len(c.queries) for c in dev] == [1, 1, 1, 1, 4, 4, 1, 1]
     assert len({c.label for c in dev}) == len(dev)
     again = _cases(vocab)
     assert all(np.array_equal(a.context, b.context) for a, b in zip(dev, again, strict=True))
@@ -73,6 +79,24 @@ def test_bad_arguments_are_named(vocab, kw: dict, match: str) -> None:  # noqa: 
         _cases(vocab, **kw)
     with pytest.raises(FidelityInputError, match="split"):
         _cases(vocab, "test")
+
+
+def test_a_repeat_case_asks_for_its_passage_back(vocab) -> None:  # noqa: ANN001
+    for split in ("dev", "confirm"):
+        for case in _cases(vocab, split, task_names=["repeat"]):
+            (query,) = case.queries
+            assert query.scorer == "tokens" and query.answer_tokens.shape == (64,)
+            cue = query.tokens[-16:]
+            # the cue and the answer are the passage as the context holds it, in order
+            starts = [
+                i
+                for i in range(case.n_tokens - 80)
+                if np.array_equal(case.context[i : i + 16], cue)
+            ]
+            assert starts, case.label
+            i = starts[0] + 16
+            np.testing.assert_array_equal(case.context[i : i + 64], query.answer_tokens)
+            assert query.answer.endswith("(stdlib)")  # the passage's document
 
 
 def _llm(path: Path, merge: MergeSettings | None, n_ctx: int) -> edgemerge.Llama:
@@ -146,7 +170,7 @@ def test_the_bench_runs_caches_and_tables_per_task(
     cache = cb.ResultCache(path)
     mine = [j for j in jobs if j.case.task == "multi_needle"]
     text = cb.render(config, cb.summarise(config, mine, cache), "cmd", "m", "multi_needle")
-    assert "### Retrieval, multi_needle" in text and "4 questions each" in text
+    assert "### Retrieval, multi_needle" in text and "4 needles at 4 evenly spaced" in text
     assert "| blockmerge+recall @50% |" in text
     # another context (same label) is another job
     moved = dataclasses.replace(cases[0], context=cases[0].context[::-1].copy())

@@ -331,3 +331,51 @@ def test_a_missing_filler_file_is_skipped_when_the_others_suffice(
     docs = (Document("gone", missing), *tasks.FILLER_DOCS)
     (sample,) = niah_samples(tok, BOS, lengths=(500,), depths=(0.5,), filler_docs=docs)
     assert sample.context.shape == (500,)
+
+
+def _passage_doc(tmp_path: Path) -> Document:
+    path = tmp_path / "passage.py"
+    path.write_text(
+        "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}" for i in range(60)) + "\n"
+    )
+    return Document("passage.py", path)
+
+
+def test_repeat_places_the_passage_and_asks_from_its_cue(
+    tok: FakeTokenizer, filler: None, tmp_path: Path
+) -> None:
+    doc = _passage_doc(tmp_path)
+    samples = tasks.repeat_samples(
+        tok, BOS, n_context=600, depths=(0.2, 0.8), passage_docs=(doc,), seed=3
+    )
+    for sample, depth in zip(samples, (0.2, 0.8), strict=True):
+        assert sample.task == "repeat" and sample.context.shape == (600,)
+        ((start, end),) = sample.meta["needle_spans"]
+        (query,) = sample.queries
+        cue = tasks.REPEAT_CUE
+        assert end - start == cue + 64 and query.max_new_tokens == 64
+        # the query is a blank line and the passage's cue; the answer what follows it
+        assert tok.decode(query.tokens) == "\n\n" + tok.decode(sample.context[start : start + cue])
+        np.testing.assert_array_equal(query.answer_tokens, sample.context[start + cue : end])
+        assert "def f" in tok.decode(sample.context[start:end])
+        assert sample.meta["placed_depths"][0] == pytest.approx(depth, abs=0.1)
+    assert not np.array_equal(samples[0].context, samples[1].context)
+    with pytest.raises(FidelityInputError, match="no passage document"):
+        tasks.repeat_samples(
+            tok, BOS, n_context=600, depths=(0.5,), passage_docs=(Document("x", tmp_path / "x"),)
+        )
+    with pytest.raises(FidelityInputError, match="n_context >="):
+        tasks.repeat_samples(tok, BOS, n_context=60, depths=(0.5,), passage_docs=(doc,))
+
+
+def test_token_scoring() -> None:
+    answer = np.arange(10, 20, dtype=np.int32)
+    query = Query(np.array([1], np.int32), "passage", 10, "tokens", answer)
+    assert tasks.score_tokens(query, list(range(10, 20)) + [99]) == 1.0
+    assert tasks.score_tokens(query, [10, 11, 99, *range(13, 20)]) == pytest.approx(0.9)
+    assert tasks.score_tokens(query, list(range(11, 20))) == pytest.approx(0.9)  # one lost
+    assert tasks.score_tokens(query, []) == 0.0
+    with pytest.raises(FidelityInputError, match="score_tokens"):
+        score_answer(query, "text")
+    with pytest.raises(FidelityInputError, match="answer_tokens"):
+        tasks.score_tokens(_query("x", "exact"), [1])

@@ -186,3 +186,48 @@ def test_a_rewind_into_an_evicted_stretch_evaluates_it_again(tiny_qwen2_path):
     after = kvcells.list_cells(llm)
     assert set(range(SMALL.sinks, shared)) <= set(after.pos.tolist())
     assert llm.input_ids[: len(other)].tolist() == other
+
+
+def test_a_long_reply_recalls_every_recall_every_decoded_tokens(tiny_qwen2_path):
+    every, window = 24, 8
+    merge = dataclasses.replace(
+        SMALL,
+        recall=True,
+        recall_window=window,
+        recall_blocks=4,
+        recall_reeval=8,
+        recall_every=every,
+    )
+    llm = make(tiny_qwen2_path, merge=merge)
+    tokens = llm.tokenize(TEXT[:8000], add_bos=True)
+    prompt, reply = tokens[:400], tokens[400 : 400 + 3 * every + 5]
+    try:
+        llm.eval(prompt)
+        assert llm.merge_stats().recall_turns == 1 and llm.merge_stats().reply_recalls == 0
+        armed = []
+        for token in reply[: 3 * every]:
+            llm.eval([token])
+            armed.append(llm._recall.capture.armed)
+            assert len(kvcells.list_cells(llm)) <= merge.budget + merge.slack
+        st = llm.merge_stats()
+        assert st.reply_recalls == 3 and st.recall_turns == 4
+        # the capture holds the last `window` decodes before each recall, and only those
+        want = [every - window <= k % every < every - 1 for k in range(3 * every)]
+        assert armed == want
+        # a rewind starts the count again: 5 decodes then recall nothing new
+        llm.n_tokens -= 3
+        for token in reply[3 * every - 3 : 3 * every + 2]:
+            llm.eval([token])
+        assert llm.merge_stats().reply_recalls == 3
+        # a new prompt starts it again too and runs its own recall
+        llm.eval(reply[3 * every + 2 :] + tokens[600:620])
+        assert llm.merge_stats().recall_turns == 5 and not llm._recall.capture.armed
+    finally:
+        llm.close()
+
+
+def test_recall_every_is_checked_against_the_window():
+    with pytest.raises(SettingsError, match="recall_every"):
+        MergeSettings(recall_window=16, recall_every=8)
+    assert MergeSettings(recall_window=16, recall_every=16).recall_every == 16
+    assert MergeSettings().recall_every == 0

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgemerge.evaluation import chat_memory as cm
-from edgemerge.evaluation import retrieval
+from edgemerge.evaluation import retrieval, tasks
 from edgemerge.evaluation.stats import PairedInterval, paired_bootstrap
 from edgemerge.evaluation.texts import FidelityInputError
 
@@ -442,6 +442,12 @@ def render(
         if task == "multi_needle":
             n_needles = retrieval.N_NEEDLES
             where = f"{n_needles} needles at {n_needles} evenly spaced depths, a question each"
+        elif task == "repeat":
+            where = (
+                "a pasted passage of code at varying depth, asked back from its first "
+                f"tokens; accuracy: token similarity of the first {tasks.NEW_TOKENS['repeat']} "
+                "reply tokens to the passage's next ones"
+            )
         else:
             where = "the needle at varying depth"
         what = (

@@ -11,11 +11,15 @@ per decode for its mean NLL. A case with several questions (multi-needle) asks e
 from the state the context left (saved once with the recall store, loaded again before
 each later question), so no question sees another's answer.
 
-Cases: the ``passkey``, ``niah`` and ``multi_needle`` samples of :mod:`tasks`, ``n`` per
-task and length, the needle of case ``j`` at depth ``(j + u) / n`` (``u`` uniform in
-[0.1, 0.9]). The ``dev`` split builds its haystacks from the licence texts the suite
-uses, ``confirm`` from the bash NEWS and COMPAT files Debian ships; the two draw from
-seeds the other never uses.
+Cases: the ``passkey``, ``niah``, ``multi_needle`` and ``repeat`` samples of
+:mod:`tasks`, ``n`` per task and length, the needle (or passage) of case ``j`` at depth
+``(j + u) / n`` (``u`` uniform in [0.1, 0.9]). ``repeat`` pastes a stretch of a standard-
+library module into the haystack and asks for it back: its query is the passage's first
+tokens, its answer the next 64, scored token for token, so a reply that quotes it needs
+more of the passage than the cue's recall brings back (``MergeSettings.recall_every``).
+The ``dev`` split builds its haystacks from the licence texts the suite uses, ``confirm``
+from the bash NEWS and COMPAT files Debian ships, and each its passages from modules of
+its own; the two draw from seeds the other never uses.
 """
 
 from __future__ import annotations
@@ -28,9 +32,15 @@ import numpy as np
 
 from edgemerge.evaluation import chat_memory as cm
 from edgemerge.evaluation import tasks
-from edgemerge.evaluation.texts import LICENCES, Document, FidelityInputError, debian_doc
+from edgemerge.evaluation.texts import (
+    LICENCES,
+    Document,
+    FidelityInputError,
+    debian_doc,
+    stdlib_file,
+)
 
-TASKS: tuple[str, ...] = ("passkey", "niah", "multi_needle")
+TASKS: tuple[str, ...] = ("passkey", "niah", "multi_needle", "repeat")
 N_NEEDLES = 4  # per multi-needle case, one question each
 _FILLER: dict[str, tuple[Document, ...]] = {
     "dev": tuple(d for d in tasks.FILLER_DOCS if d.folder is LICENCES),
@@ -38,6 +48,14 @@ _FILLER: dict[str, tuple[Document, ...]] = {
         debian_doc("bash/NEWS.gz", "bash NEWS (Debian doc)"),
         debian_doc("bash/COMPAT.gz", "bash COMPAT (Debian doc)"),
     ),
+}
+# "repeat" passages: pasted code, unlike either split's prose filler
+_PASSAGES: dict[str, tuple[Document, ...]] = {
+    split: tuple(Document(f"{name} (stdlib)", stdlib_file(name)) for name in names)
+    for split, names in (
+        ("dev", ("shutil.py", "tarfile.py", "inspect.py")),
+        ("confirm", ("imaplib.py", "ftplib.py", "mailbox.py")),
+    )
 }
 # case i of split s draws from default_rng(_SPLIT_SEED[s] + 1000 * seed + i)
 _SPLIT_SEED = {"dev": 3_000_017, "confirm": 4_000_037}
@@ -49,7 +67,7 @@ class RetrievalCase:
 
     Attributes:
         split: ``"dev"`` or ``"confirm"``.
-        task: ``"passkey"``, ``"niah"`` or ``"multi_needle"``.
+        task: one of :data:`TASKS`.
         label: e.g. ``"niah confirm len=8192 depth=40% #1"``.
         context: int32 ``[n_tokens]``, BOS first (where the model has one).
         queries: the questions, each answered from the state the context leaves.
@@ -101,7 +119,7 @@ def cases(
                 case_seed = _SPLIT_SEED[split] + 1000 * seed + index
                 index += 1
                 depth = (j + float(np.random.default_rng(case_seed).uniform(0.1, 0.9))) / n
-                sample = _sample(task, tokenize, bos, int(length), depth, case_seed, docs)
+                sample = _sample(task, split, tokenize, bos, int(length), depth, case_seed, docs)
                 where = f"depth={depth:.0%}" if task != "multi_needle" else f"needles={N_NEEDLES}"
                 out.append(
                     RetrievalCase(
@@ -120,6 +138,7 @@ def cases(
 
 def _sample(
     task: str,
+    split: str,
     tokenize: Callable[[str], Sequence[int]],
     bos: Sequence[int],
     length: int,
@@ -134,6 +153,16 @@ def _sample(
     elif task == "niah":
         samples = tasks.niah_samples(
             tokenize, bos, lengths=[length], depths=[depth], seed=seed, filler_docs=docs
+        )
+    elif task == "repeat":
+        samples = tasks.repeat_samples(
+            tokenize,
+            bos,
+            n_context=length,
+            depths=[depth],
+            passage_docs=_PASSAGES[split],
+            seed=seed,
+            filler_docs=docs,
         )
     else:
         samples = tasks.multi_needle_samples(
@@ -185,9 +214,13 @@ def run_retrieval(llm: Any, case: RetrievalCase) -> cm.CaseResult:
         peak = max(peak, cm.cells_now(llm))
         text = llm.detokenize(generated).decode("utf-8", errors="replace")
         replies.append(text.strip())
-        scores.append(tasks.score_answer(query, text))
-        # the query ends right before the answer, which follows after a space
-        target = [int(t) for t in llm.tokenize((" " + query.answer).encode(), add_bos=False)]
+        if query.answer_tokens is not None:  # a passage quoted back, token for token
+            scores.append(tasks.score_tokens(query, generated))
+            target = [int(t) for t in query.answer_tokens]
+        else:
+            scores.append(tasks.score_answer(query, text))
+            # the query ends right before the answer, which follows after a space
+            target = [int(t) for t in llm.tokenize((" " + query.answer).encode(), add_bos=False)]
         answer, cells = cm.forced_answer_nll(llm, n_prompt, target)
         final_cells = max(final_cells, cells)
         nlls.append(float(np.mean(answer)))

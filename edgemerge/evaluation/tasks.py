@@ -92,7 +92,7 @@ NEEDLE_INTRO = (
 # (the slack lets a model that opens with a quote still reach the digits); a code line
 # is rarely longer than 48 tokens.
 NEW_TOKENS: Mapping[str, int] = MappingProxyType(
-    {"passkey": 8, "niah": 12, "multi_needle": 12, "lcc": 48}
+    {"passkey": 8, "niah": 12, "multi_needle": 12, "lcc": 48, "repeat": 64}
 )
 
 
@@ -105,13 +105,18 @@ class Query:
         answer: the expected answer text (digits for the needle tasks, a stripped code
             line for ``lcc``).
         max_new_tokens: how many tokens to generate greedily for it.
-        scorer: ``"exact"`` or ``"edit"`` (see :func:`score_answer`).
+        scorer: ``"exact"`` or ``"edit"`` (see :func:`score_answer`), or ``"tokens"``
+            (see :func:`score_tokens`).
+        answer_tokens: int32 ``[m]``, the answer as the context holds it, for a query
+            scored in token space (``"tokens"``); None for the others, whose answer text
+            is tokenized where it is needed.
     """
 
     tokens: np.ndarray
     answer: str
     max_new_tokens: int
-    scorer: Literal["exact", "edit"]
+    scorer: Literal["exact", "edit", "tokens"]
+    answer_tokens: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ class Sample:
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _levenshtein(a: str, b: str) -> int:
+def _levenshtein(a: Sequence[object], b: Sequence[object]) -> int:
     """Minimum number of single-character insertions, deletions and substitutions."""
     if len(a) < len(b):
         a, b = b, a
@@ -183,12 +188,29 @@ def score_answer(query: Query, generated: str) -> float:
     """
     if query.scorer == "edit":
         return edit_similarity(_first_line(generated), query.answer)
+    if query.scorer == "tokens":
+        raise FidelityInputError("a 'tokens' query is scored on token ids: use score_tokens")
     if query.scorer != "exact":
         raise FidelityInputError(f"unknown scorer {query.scorer!r}; use 'exact' or 'edit'")
     if _DIGITS.fullmatch(query.answer):
         run = _DIGITS.search(generated)
         return float(run is not None and run.group() == query.answer)
     return float(query.answer in _first_line(generated))
+
+
+def score_tokens(query: Query, generated: Sequence[int]) -> float:
+    """A ``"tokens"`` query's score in [0, 1]: ``1 - levenshtein / len(answer)`` between
+    the answer's token ids and the first ``len(answer)`` generated ones (a reply cut short
+    counts its missing tokens as deletions).
+
+    Raises:
+        FidelityInputError: the query has no answer tokens.
+    """
+    if query.answer_tokens is None or query.answer_tokens.size == 0:
+        raise FidelityInputError("score_tokens needs a query with answer_tokens")
+    want = [int(t) for t in query.answer_tokens]
+    got = [int(t) for t in generated[: len(want)]]
+    return 1.0 - _levenshtein(got, want) / len(want)
 
 
 # ------------------------------------------------------------------------- validation
@@ -478,6 +500,82 @@ def multi_needle_samples(
         label = f"multi_needle len={n_context} needles={n_needles} #{index}"
         meta = {"depths": depths, "keys": tuple(numbers), "cities": tuple(cities)}
         samples.append(haystack.sample("multi_needle", label, n_context, needles, questions, meta))
+    return samples
+
+
+# ------------------------------------------------------------------------------ repeat
+
+REPEAT_CUE = 16  # passage tokens that start the query: what points back at the passage
+
+
+def repeat_samples(
+    tokenize: Tokenize,
+    bos: Sequence[int],
+    *,
+    n_context: int,
+    depths: Sequence[float],
+    passage_docs: Sequence[Document],
+    seed: int = 0,
+    filler_docs: Sequence[Document] = FILLER_DOCS,
+    n_repeat: int = NEW_TOKENS["repeat"],
+) -> list[Sample]:
+    """Contexts holding a passage from ``passage_docs`` at each depth; the query is the
+    passage's first :data:`REPEAT_CUE` tokens after a blank line, the answer its next
+    ``n_repeat`` tokens, scored in token space (:func:`score_tokens`) and teacher forced:
+    a pasted text quoted back many tokens later.
+
+    The passage starts at a random paragraph of a random document, token for token as
+    the context holds it, so the cue and the answer are the context's own tokens.
+
+    Raises:
+        FidelityInputError: a bad argument, no passage document found, or too little
+            filler text.
+    """
+    n_context = _positive("n_context", n_context)
+    n_repeat = _positive("n_repeat", n_repeat)
+    seed = _positive("seed", seed, least=0)
+    depths = _depths(depths)
+    docs = [d for d in passage_docs if d.exists()]
+    if not docs:
+        raise FidelityInputError(f"repeat: no passage document found{missing_note(passage_docs)}")
+    haystack = _Haystack.load(tokenize, bos, "", n_context, filler_docs)
+    gap = _ids(tokenize, "\n\n")
+    n_passage = REPEAT_CUE + n_repeat
+    samples = []
+    for index, depth in enumerate(depths):
+        rng = np.random.default_rng(seed + index)
+        doc = docs[int(rng.integers(len(docs)))]
+        paragraphs = [p for p in _BLANK_RUN.sub("\n\n", doc.read()).split("\n\n") if p.strip()]
+        first = int(rng.integers(len(paragraphs)))
+        passage = _ids(tokenize, "\n\n".join(paragraphs[first:] + paragraphs[:first]))
+        if len(passage) < n_passage:
+            raise FidelityInputError(
+                f"repeat: {doc.label} holds {len(passage)} tokens, fewer than the {n_passage} "
+                "a passage needs; lower n_repeat"
+            )
+        passage = passage[:n_passage]
+        n_filler = n_context - len(haystack.bos) - n_passage
+        if n_filler < 1:
+            raise FidelityInputError(
+                f"repeat: a context of {n_context} tokens cannot hold BOS and a passage of "
+                f"{n_passage}; use n_context >= {len(haystack.bos) + n_passage + 1}"
+            )
+        bounds = [start for start in haystack.starts if start < n_filler] + [n_filler]
+        at = _nearest(bounds, depth * n_filler)
+        context = haystack.bos + haystack.filler[:at]
+        span = (len(context), len(context) + n_passage)
+        context += passage + haystack.filler[at:n_filler]
+        answer = _frozen(passage[REPEAT_CUE:])
+        query = Query(_frozen(gap + passage[:REPEAT_CUE]), doc.label, n_repeat, "tokens", answer)
+        meta = {
+            "length": n_context,
+            "depth": depth,
+            "placed_depths": (at / n_filler,),
+            "needle_spans": (span,),
+            "passage": doc.label,
+        }
+        label = f"repeat len={n_context} depth={depth:.0%} #{index}"
+        samples.append(Sample("repeat", label, _frozen(context), (query,), MappingProxyType(meta)))
     return samples
 
 
