@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import edgemerge
-from edgemerge.evaluation import bench_cli, retrieval
+from edgemerge.evaluation import bench_cli, retrieval, tasks
 from edgemerge.evaluation import chat_bench as cb
 from edgemerge.evaluation.texts import FidelityInputError
 from edgemerge.settings import MergeSettings
@@ -85,17 +85,18 @@ def test_a_repeat_case_asks_for_its_passage_back(vocab) -> None:  # noqa: ANN001
     for split in ("dev", "confirm"):
         for case in _cases(vocab, split, task_names=["repeat"]):
             (query,) = case.queries
-            assert query.scorer == "tokens" and query.answer_tokens.shape == (64,)
-            cue = query.tokens[-16:]
+            n, n_cue = tasks.NEW_TOKENS["repeat"], tasks.REPEAT_CUE
+            assert query.scorer == "tokens" and query.answer_tokens.shape == (n,)
+            cue = query.tokens[-n_cue:]
             # the cue and the answer are the passage as the context holds it, in order
             starts = [
                 i
-                for i in range(case.n_tokens - 80)
-                if np.array_equal(case.context[i : i + 16], cue)
+                for i in range(case.n_tokens - n - n_cue)
+                if np.array_equal(case.context[i : i + n_cue], cue)
             ]
             assert starts, case.label
-            i = starts[0] + 16
-            np.testing.assert_array_equal(case.context[i : i + 64], query.answer_tokens)
+            i = starts[0] + n_cue
+            np.testing.assert_array_equal(case.context[i : i + n], query.answer_tokens)
             assert query.answer.endswith("(stdlib)")  # the passage's document
 
 

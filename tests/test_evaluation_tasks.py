@@ -352,8 +352,8 @@ def test_repeat_places_the_passage_and_asks_from_its_cue(
         assert sample.task == "repeat" and sample.context.shape == (600,)
         ((start, end),) = sample.meta["needle_spans"]
         (query,) = sample.queries
-        cue = tasks.REPEAT_CUE
-        assert end - start == cue + 64 and query.max_new_tokens == 64
+        cue, n = tasks.REPEAT_CUE, tasks.NEW_TOKENS["repeat"]
+        assert end - start == cue + n and query.max_new_tokens == n
         # the query is a blank line and the passage's cue; the answer what follows it
         assert tok.decode(query.tokens) == "\n\n" + tok.decode(sample.context[start : start + cue])
         np.testing.assert_array_equal(query.answer_tokens, sample.context[start + cue : end])

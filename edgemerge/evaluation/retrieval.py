@@ -15,8 +15,9 @@ Cases: the ``passkey``, ``niah``, ``multi_needle`` and ``repeat`` samples of
 :mod:`tasks`, ``n`` per task and length, the needle (or passage) of case ``j`` at depth
 ``(j + u) / n`` (``u`` uniform in [0.1, 0.9]). ``repeat`` pastes a stretch of a standard-
 library module into the haystack and asks for it back: its query is the passage's first
-tokens, its answer the next 64, scored token for token, so a reply that quotes it needs
-more of the passage than the cue's recall brings back (``MergeSettings.recall_every``).
+tokens, its answer the next 192 (twelve 16-token blocks), scored token for token, so a
+reply that quotes it needs more of the passage than the cue's recall brings back (eight
+blocks by default; ``MergeSettings.recall_every``).
 The ``dev`` split builds its haystacks from the licence texts the suite uses, ``confirm``
 from the bash NEWS and COMPAT files Debian ships, and each its passages from modules of
 its own; the two draw from seeds the other never uses.

@@ -92,7 +92,7 @@ NEEDLE_INTRO = (
 # (the slack lets a model that opens with a quote still reach the digits); a code line
 # is rarely longer than 48 tokens.
 NEW_TOKENS: Mapping[str, int] = MappingProxyType(
-    {"passkey": 8, "niah": 12, "multi_needle": 12, "lcc": 48, "repeat": 64}
+    {"passkey": 8, "niah": 12, "multi_needle": 12, "lcc": 48, "repeat": 192}
 )
 
 
