@@ -153,6 +153,36 @@ void prefetch_row(const merge_args & m, int32_t row) {
     }
 }
 
+// Members are scattered rows, the next groups' included: while member j is summed, ask
+// for the one kPrefetchAhead later.
+void prefetch_ahead(const merge_args & m, int32_t j) {
+    if (j + kPrefetchAhead < m.n_src) {
+        prefetch_row(m, m.ix[j + kPrefetchAhead]);
+    }
+}
+
+// acc[n_embd] = 0 and mag[n_head] = 0: the sums accumulate() adds to
+void clear_sums(const merge_args & m, float * acc, double * mag) {
+    memset(acc, 0, m.n_embd * sizeof(float));
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        mag[h] = 0.0;
+    }
+}
+
+// coef[c, h] holds the squared norm of member c0 + c's head h; turn it into the weight of
+// its unit direction, w / |x| (0 for a zero row), and add w |x| to mag[h]. Independent
+// sqrt/divides for a whole chunk, so their latency chains overlap.
+void norm_coefs(const merge_args & m, int32_t c0, int32_t nc, float * coef, double * mag) {
+    for (int32_t c = 0; c < nc; ++c) {
+        const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
+        for (int64_t h = 0; h < m.n_head; ++h) {
+            const float n = std::sqrt(coef[c * m.n_head + h]);
+            mag[h] += (double) wj[h] * n;
+            coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
+        }
+    }
+}
+
 #ifdef EDGEMERGE_MERGE_ROWS_FUSED
 // Elements [i, i + 8) of a member row as f32, converted in registers: no scratch row.
 GGML_F32_VEC load_vec(const float * x, int64_t i) {
@@ -294,21 +324,15 @@ void chunk_mad(const merge_args & m, float * out, const T * const * rows, const 
 // in their own type
 template <typename T>
 void accumulate_fused(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag) {
-    memset(acc, 0, m.n_embd * sizeof(float));
-    for (int64_t h = 0; h < m.n_head; ++h) {
-        mag[h] = 0.0;
-    }
+    clear_sums(m, acc, mag);
     const int64_t hd = m.hd;
     const T * rows[kChunk];
     float coef[kChunk * kMaxHeadsFast];
     for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
         const int32_t nc = std::min<int32_t>(kChunk, j1 - c0);
         for (int32_t c = 0; c < nc; ++c) {
-            const int32_t j = c0 + c;
-            if (j + kPrefetchAhead < m.n_src) {
-                prefetch_row(m, m.ix[j + kPrefetchAhead]);
-            }
-            rows[c] = (const T *) row_ptr(m, m.ix[j]);
+            prefetch_ahead(m, c0 + c);
+            rows[c] = (const T *) row_ptr(m, m.ix[c0 + c]);
         }
         if (!m.magnitude) {
             chunk_mad(m, acc, rows, m.wt + (int64_t) c0 * m.n_head, nc);
@@ -319,14 +343,7 @@ void accumulate_fused(const merge_args & m, int32_t j0, int32_t j1, float * acc,
                 coef[c * m.n_head + h] = head_sum_sq(rows[c], h * hd, hd);
             }
         }
-        for (int32_t c = 0; c < nc; ++c) {
-            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
-            for (int64_t h = 0; h < m.n_head; ++h) {
-                const float n = std::sqrt(coef[c * m.n_head + h]);
-                mag[h] += (double) wj[h] * n;
-                coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
-            }
-        }
+        norm_coefs(m, c0, nc, coef, mag);
         chunk_mad(m, acc, rows, coef, nc);
     }
 }
@@ -355,22 +372,15 @@ void accumulate(const merge_args & m, int32_t j0, int32_t j1, float * acc, doubl
         }
     }
 #endif
-    memset(acc, 0, m.n_embd * sizeof(float));
-    for (int64_t h = 0; h < m.n_head; ++h) {
-        mag[h] = 0.0;
-    }
+    clear_sums(m, acc, mag);
     const float * rows[kChunk];
     float coef[kChunk * kMaxHeadsFast];
     const bool chunked = m.magnitude && m.n_head <= kMaxHeadsFast;
     for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
         const int32_t nc = std::min<int32_t>(kChunk, j1 - c0);
         for (int32_t c = 0; c < nc; ++c) {
-            const int32_t j = c0 + c;
-            // members are scattered rows, the next groups' included: fetch a few ahead
-            if (j + kPrefetchAhead < m.n_src) {
-                prefetch_row(m, m.ix[j + kPrefetchAhead]);
-            }
-            rows[c] = load_row(m, m.ix[j], scratch + (int64_t) c * m.n_embd);
+            prefetch_ahead(m, c0 + c);
+            rows[c] = load_row(m, m.ix[c0 + c], scratch + (int64_t) c * m.n_embd);
         }
         for (int32_t c = 0; c < nc; ++c) {
             const float * x = rows[c];
@@ -396,15 +406,8 @@ void accumulate(const merge_args & m, int32_t j0, int32_t j1, float * acc, doubl
         if (!chunked) {
             continue;
         }
-        // independent sqrt/divides for the whole chunk, then the weighted direction sums
-        for (int32_t c = 0; c < nc; ++c) {
-            const float * wj = m.wt + (int64_t) (c0 + c) * m.n_head;
-            for (int64_t h = 0; h < m.n_head; ++h) {
-                const float n = std::sqrt(coef[c * m.n_head + h]);
-                mag[h] += (double) wj[h] * n;
-                coef[c * m.n_head + h] = n > 0.0f ? wj[h] / n : 0.0f;  // zero rows add nothing
-            }
-        }
+        // the norms' weights for the whole chunk, then the weighted direction sums
+        norm_coefs(m, c0, nc, coef, mag);
         for (int32_t c = 0; c < nc; ++c) {
             for (int64_t h = 0; h < m.n_head; ++h) {
                 const float k = coef[c * m.n_head + h];
