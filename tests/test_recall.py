@@ -333,7 +333,8 @@ def test_recode_converts_held_blocks_ram_and_spilled(tmp_path):
 
 
 def _shares_by_loops(q, scale, ck, cb, sk, starts):
-    """The rule of edgemerge.recall.scoring, one query head and query at a time."""
+    """The rule of edgemerge.recall.scoring, one query head and query at a time (keys
+    head-major here, [L, n_kv_head, n, D])."""
     n_layer, t, n_head, _ = q.shape
     n_kv = ck.shape[1]
     group = n_head // n_kv
@@ -363,11 +364,15 @@ def test_attention_shares_match_the_rule_computed_by_loops():
     cb = rng.uniform(0, 1.5, 10).astype(np.float32)
     sk = rng.standard_normal((2, 2, 9, 8)).astype(np.float32) * 2
     starts = np.array([0, 4, 5], np.intp)
-    blocks, cells = attention_shares(q, 0.35, ck, cb, sk, starts)
     want_b, want_c = _shares_by_loops(q, 0.35, ck, cb, sk, starts)
-    assert np.all(np.isfinite(blocks)) and np.all(np.isfinite(cells))
-    np.testing.assert_allclose(blocks, want_b, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(cells, want_c, rtol=1e-4, atol=1e-6)
+    # position-major keys, as the cache keeps its rows; the stored ones also as one
+    # array per layer, as the engine hands them over
+    ck_rows, sk_rows = ck.transpose(0, 2, 1, 3), sk.transpose(0, 2, 1, 3)
+    for stored in (sk_rows, [np.ascontiguousarray(layer) for layer in sk_rows]):
+        blocks, cells = attention_shares(q, 0.35, ck_rows, cb, stored, starts)
+        assert np.all(np.isfinite(blocks)) and np.all(np.isfinite(cells))
+        np.testing.assert_allclose(blocks, want_b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(cells, want_c, rtol=1e-4, atol=1e-6)
 
 
 def test_only_the_voting_layers_score_blocks():
@@ -378,13 +383,17 @@ def test_only_the_voting_layers_score_blocks():
     sk = rng.standard_normal((3, 2, 5, 8)).astype(np.float32)
     starts = np.array([0, 2], np.intp)
     vote = np.array([False, True, True])
-    blocks, cells = attention_shares(q, 0.35, ck, cb, sk, starts, vote)
+    blocks, cells = attention_shares(
+        q, 0.35, ck.transpose(0, 2, 1, 3), cb, sk.transpose(0, 2, 1, 3), starts, vote
+    )
     want_b, _ = _shares_by_loops(q[1:], 0.35, ck[1:], cb, sk[1:], starts)
     _, want_c = _shares_by_loops(q, 0.35, ck, cb, sk, starts)
     np.testing.assert_allclose(blocks, want_b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(cells, want_c, rtol=1e-4, atol=1e-6)  # cells: every layer
     with pytest.raises(ValueError, match="block_layers"):
-        attention_shares(q, 0.35, ck, cb, sk, starts, vote[:2])
+        attention_shares(
+            q, 0.35, ck.transpose(0, 2, 1, 3), cb, sk.transpose(0, 2, 1, 3), starts, vote[:2]
+        )
 
 
 def test_the_first_quarter_of_the_model_does_not_vote():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,7 +379,6 @@ class RecallEngine:
         if not entries:
             return nothing
         order = sorted(entries)
-        store_k = np.concatenate([entries[b].k for b in order], axis=1)
         sizes = np.array([entries[b].positions.size for b in order])
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
         # BLAS gets the context's thread count: its own default (every core) fights the
@@ -390,7 +390,7 @@ class RecallEngine:
                 self.attn_scale,
                 cache_keys,
                 bias,
-                self._keys(self.store.k_format.values(store_k)),
+                _StoredKeys([entries[b].k for b in order], self.store.k_format, self._keys),
                 starts,
                 self._block_layers(),
             )
@@ -473,15 +473,33 @@ class RecallEngine:
         return RecallResult(len(chosen), added, int(drop.sum()), int(evict.size), best)
 
     def _keys(self, x: np.ndarray) -> np.ndarray:
-        """float32 [L, n, width] -> float32 [L, n_kv_head, n, head_dim]."""
-        n_layer, n, _ = x.shape
-        return np.ascontiguousarray(
-            x.reshape(n_layer, n, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
-        )
+        """float32 [..., n, width] -> float32 [..., n, n_kv_head, head_dim] (a view)."""
+        return x.reshape(*x.shape[:-1], self.n_kv_head, self.head_dim)
 
     def close(self) -> None:
         self.capture.close()
         self.store.close()
+
+
+class _StoredKeys(Sequence):
+    """Stored keys one layer at a time, as :func:`attention_shares` reads them: item
+    ``l`` is float32 [n, n_kv_head, head_dim], the blocks' layer-``l`` rows in order.
+    Converting a layer when it is scored, not the whole store at once, keeps a turn's
+    temporaries to one layer's keys (at 22K stored positions: 11 MiB, not 270)."""
+
+    def __init__(
+        self, k_rows: list[np.ndarray], fmt: RowFormat, shape: Callable[[np.ndarray], np.ndarray]
+    ) -> None:
+        self._k = k_rows  # uint8 [n_layer, m, row bytes] per block
+        self._fmt = fmt
+        self._shape = shape
+
+    def __len__(self) -> int:
+        return self._k[0].shape[0] if self._k else 0
+
+    def __getitem__(self, layer: int) -> np.ndarray:  # type: ignore[override]
+        raw = np.concatenate([k[layer] for k in self._k], axis=0)
+        return self._shape(self._fmt.values(raw))
 
 
 def _indices_of(stream_positions: np.ndarray, wanted: np.ndarray) -> np.ndarray:

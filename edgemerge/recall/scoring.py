@@ -15,11 +15,15 @@ in a few heads, and a mean over all of them would drown it. Only the layers past
 first ``recall_skip_layers`` of the model score blocks: an early layer's head matches
 tokens and positions, and its large shares for the wrong blocks won the maximum.
 
-Shapes: ``queries`` float32 ``[L, T, n_head, D]``; keys float32 ``[L, n_kv_head, n, D]``;
-``bias`` float32 ``[n]``.
+Shapes: ``queries`` float32 ``[L, T, n_head, D]``; keys float32 ``[L, n, n_kv_head, D]``,
+position-major as the cache keeps its rows (a row is ``n_kv_head * D`` values); ``bias``
+float32 ``[n]``. The stored keys may be any sequence of ``L`` such layers: the engine
+converts one layer at a time, so a turn never holds the whole store as float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,7 +44,7 @@ def attention_shares(
     attn_scale: float,
     cache_keys: np.ndarray,
     cache_bias: np.ndarray,
-    store_keys: np.ndarray,
+    store_keys: Sequence[np.ndarray],
     block_starts: np.ndarray,
     block_layers: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +53,10 @@ def attention_shares(
     Args:
         queries: float32 [L, T, n_head, D], the window's post-RoPE queries.
         attn_scale: logit = attn_scale * q . k.
-        cache_keys: float32 [L, n_kv_head, n_cells, D]; cache_bias float32 [n_cells].
-        store_keys: float32 [L, n_kv_head, n_stored, D], stored positions grouped by block.
+        cache_keys: float32 [L, n_cells, n_kv_head, D]; cache_bias float32 [n_cells].
+        store_keys: float32 [L, n_stored, n_kv_head, D], stored positions grouped by
+            block, or a sequence whose item ``l`` is layer ``l``'s [n_stored, n_kv_head, D]
+            (read only for the layers in ``block_layers``).
         block_starts: int [n_blocks], index of each block's first stored position
             (ascending, block_starts[0] == 0).
         block_layers: bool [L], the layers whose heads score stored blocks (every layer
@@ -61,10 +67,10 @@ def attention_shares(
         layer's and head's window-averaged share.
     """
     n_layer, t, _, _ = queries.shape
-    n_kv = cache_keys.shape[1]
+    n_kv = cache_keys.shape[2]
     n_blocks = len(block_starts)
     block_score = np.zeros(n_blocks, np.float32)
-    cell_score = np.zeros(cache_keys.shape[2], np.float32)
+    cell_score = np.zeros(cache_keys.shape[1], np.float32)
     if t == 0:
         return block_score, cell_score
     bias = cache_bias.astype(np.float32)[None, None, :]
@@ -75,9 +81,8 @@ def attention_shares(
         raise ValueError(f"block_layers has shape {block_layers.shape}, not ({n_layer},)")
     for il in range(n_layer):
         q = _grouped(queries[il].astype(np.float32), n_kv) * np.float32(attn_scale)
-        # contiguous [H, D, n] operands: BLAS then runs without strided copies
-        keys_t = np.ascontiguousarray(cache_keys[il].transpose(0, 2, 1))
-        logits = np.matmul(q, keys_t) + bias  # [H, G*T, n]
+        # [n, H, D] -> [H, D, n]: a transposed view, which BLAS reads without a copy
+        logits = np.matmul(q, cache_keys[il].transpose(1, 2, 0)) + bias  # [H, G*T, n]
         top = logits.max(axis=-1, keepdims=True)
         share = np.exp(logits - top)
         denom = share.sum(axis=-1, keepdims=True)
@@ -87,8 +92,7 @@ def attention_shares(
         per_head = share.reshape(n_kv, g, t, -1).mean(axis=2)  # [H, G, n]
         np.maximum(cell_score, per_head.max(axis=(0, 1)), out=cell_score)
         if n_blocks and block_layers[il]:
-            stored_t = np.ascontiguousarray(store_keys[il].transpose(0, 2, 1))
-            s = np.matmul(q, stored_t)  # [H, G*T, n_stored]
+            s = np.matmul(q, store_keys[il].transpose(1, 2, 0))  # [H, G*T, n_stored]
             best = np.maximum.reduceat(s, block_starts, axis=-1)  # [H, G*T, n_blocks]
             b_share = np.exp(np.minimum(best - lse, 0.0)).reshape(n_kv, g, t, -1).mean(axis=2)
             np.maximum(block_score, b_share.max(axis=(0, 1)), out=block_score)
