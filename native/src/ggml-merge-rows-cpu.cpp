@@ -55,7 +55,7 @@ constexpr int32_t kSplitMin = 32;
 // members dequantized and normed together (scratch rows per thread)
 constexpr int32_t kChunk = 8;
 // how many members ahead a row is prefetched (random rows: hide the memory latency)
-constexpr int32_t kPrefetchAhead = 6;
+constexpr int32_t kPrefetchAhead = 16;
 // heads per row up to which the chunked norm path is used (its coefficient table is on the stack)
 constexpr int64_t kMaxHeadsFast = 32;
 
@@ -146,7 +146,11 @@ const float * load_row(const merge_args & m, int32_t row, float * scratch) {
 }
 
 // Members are scattered rows: ask for the next one while this one is summed.
-void prefetch_row(const merge_args & m, int32_t row) {
+// always_inline: GCC 12 finds a void function whose body is only __builtin_prefetch
+// "looping pure" and deletes its calls, so out of line no prefetch was ever issued
+// (seen in the disassembly: accumulate() had none).
+#define EDGEMERGE_PREFETCH_INLINE inline __attribute__((always_inline))
+EDGEMERGE_PREFETCH_INLINE void prefetch_row(const merge_args & m, int32_t row) {
     const char * p = row_ptr(m, row);
     for (size_t off = 0; off < m.row_bytes; off += 64) {
         __builtin_prefetch(p + off, 0, 1);
@@ -155,7 +159,7 @@ void prefetch_row(const merge_args & m, int32_t row) {
 
 // Members are scattered rows, the next groups' included: while member j is summed, ask
 // for the one kPrefetchAhead later.
-void prefetch_ahead(const merge_args & m, int32_t j) {
+EDGEMERGE_PREFETCH_INLINE void prefetch_ahead(const merge_args & m, int32_t j) {
     if (j + kPrefetchAhead < m.n_src) {
         prefetch_row(m, m.ix[j + kPrefetchAhead]);
     }
@@ -199,9 +203,10 @@ GGML_F32_VEC load_vec(const ggml_bf16_t * x, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-// sum of x*x over the head at elements [i0, i0 + hd) (hd a multiple of GGML_F32_STEP)
+// x*x summed over the head at elements [i0, i0 + hd) (hd a multiple of GGML_F32_STEP), left
+// as 8 lanes: sum8() reduces a chunk's members together, not one at a time
 template <typename T>
-float head_sum_sq(const T * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+__m256 head_sq(const T * GGML_RESTRICT x, int64_t i0, int64_t hd) {
     GGML_F32_VEC s[GGML_F32_ARR];
     for (int k = 0; k < GGML_F32_ARR; ++k) {
         s[k] = GGML_F32_VEC_ZERO;
@@ -212,9 +217,20 @@ float head_sum_sq(const T * GGML_RESTRICT x, int64_t i0, int64_t hd) {
             s[k] = GGML_F32_VEC_FMA(s[k], v, v);
         }
     }
-    ggml_float r;
-    GGML_F32_VEC_REDUCE(r, s);
-    return (float) r;
+    return _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+}
+
+// lane c of the result is the sum of v[c]'s 8 lanes: eight horizontal sums in 7 shuffles
+// and adds, where one at a time each took a dependent chain of its own
+__m256 sum8(const __m256 * v) {
+    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]);
+    const __m256 t1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]);
+    const __m256 t3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1);  // per 128-bit half: v0..v3's partial sums
+    const __m256 u1 = _mm256_hadd_ps(t2, t3);  // and v4..v7's
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // One slice of 32 values: the accumulator stays in 4 registers across a chunk's members.
@@ -252,27 +268,21 @@ __m256i q4_0_bytes(const block_q4_0 & b) {
     return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
 }
 
-float head_sum_sq(const block_q8_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+__m256 head_sq(const block_q8_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
     __m256 s = _mm256_setzero_ps();
     for (int64_t b = i0 / QK8_0; b < (i0 + hd) / QK8_0; ++b) {
         const __m256i q = _mm256_loadu_si256((const __m256i *) x[b].qs);
         s = _mm256_add_ps(s, block_sum_sq(q, GGML_CPU_FP16_TO_FP32(x[b].d)));
     }
-    GGML_F32_VEC r[GGML_F32_ARR] = {s, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO};
-    ggml_float sum;
-    GGML_F32_VEC_REDUCE(sum, r);
-    return (float) sum;
+    return s;
 }
 
-float head_sum_sq(const block_q4_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
+__m256 head_sq(const block_q4_0 * GGML_RESTRICT x, int64_t i0, int64_t hd) {
     __m256 s = _mm256_setzero_ps();
     for (int64_t b = i0 / QK4_0; b < (i0 + hd) / QK4_0; ++b) {
         s = _mm256_add_ps(s, block_sum_sq(q4_0_bytes(x[b]), GGML_CPU_FP16_TO_FP32(x[b].d)));
     }
-    GGML_F32_VEC r[GGML_F32_ARR] = {s, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO, GGML_F32_VEC_ZERO};
-    ggml_float sum;
-    GGML_F32_VEC_REDUCE(sum, r);
-    return (float) sum;
+    return s;
 }
 
 // acc += kd * q for one block's 32 signed bytes (d folded into kd)
@@ -320,12 +330,39 @@ void chunk_mad(const merge_args & m, float * out, const T * const * rows, const 
     }
 }
 
+// norm_coefs() for a chunk on the fused path: per head, the chunk's squared norms as the
+// lanes of one vector, then their square roots and weights w / |x| 8 at a time
+static_assert(kChunk == GGML_F32_EPR, "a chunk's norms are the lanes of one vector");
+template <typename T>
+void chunk_coefs(const merge_args & m, const T * const * rows, int32_t c0, int32_t nc,
+                 float * coef, double * mag) {
+    for (int64_t h = 0; h < m.n_head; ++h) {
+        __m256 sq[kChunk];
+        alignas(32) float w[kChunk];
+        for (int32_t c = 0; c < kChunk; ++c) {
+            sq[c] = c < nc ? head_sq(rows[c], h * m.hd, m.hd) : _mm256_setzero_ps();
+            w[c] = c < nc ? m.wt[(int64_t) (c0 + c) * m.n_head + h] : 0.0f;
+        }
+        const __m256 n = _mm256_sqrt_ps(sum8(sq));
+        // zero rows add nothing: w / 0 is masked to 0
+        const __m256 k = _mm256_and_ps(_mm256_div_ps(_mm256_load_ps(w), n),
+                                       _mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_GT_OQ));
+        alignas(32) float nv[kChunk];
+        alignas(32) float kv[kChunk];
+        _mm256_store_ps(nv, n);
+        _mm256_store_ps(kv, k);
+        for (int32_t c = 0; c < nc; ++c) {
+            mag[h] += (double) w[c] * nv[c];
+            coef[c * m.n_head + h] = kv[c];
+        }
+    }
+}
+
 // accumulate() on the fused path: the same sums, chunked the same way, the members read
 // in their own type
 template <typename T>
 void accumulate_fused(const merge_args & m, int32_t j0, int32_t j1, float * acc, double * mag) {
     clear_sums(m, acc, mag);
-    const int64_t hd = m.hd;
     const T * rows[kChunk];
     float coef[kChunk * kMaxHeadsFast];
     for (int32_t c0 = j0; c0 < j1; c0 += kChunk) {
@@ -338,12 +375,7 @@ void accumulate_fused(const merge_args & m, int32_t j0, int32_t j1, float * acc,
             chunk_mad(m, acc, rows, m.wt + (int64_t) c0 * m.n_head, nc);
             continue;
         }
-        for (int32_t c = 0; c < nc; ++c) {
-            for (int64_t h = 0; h < m.n_head; ++h) {
-                coef[c * m.n_head + h] = head_sum_sq(rows[c], h * hd, hd);
-            }
-        }
-        norm_coefs(m, c0, nc, coef, mag);
+        chunk_coefs(m, rows, c0, nc, coef, mag);
         chunk_mad(m, acc, rows, coef, nc);
     }
 }
@@ -424,6 +456,29 @@ void finish(const merge_args & m, float * acc, const double * mag) {
     if (!m.magnitude) {
         return;
     }
+#ifdef EDGEMERGE_MERGE_ROWS_FUSED
+    if (m.fused) {  // inline: the vec helpers' calls were a tenth of the op at head_dim 64
+        for (int64_t h0 = 0; h0 < m.n_head; h0 += kChunk) {
+            const int64_t nh = std::min<int64_t>(kChunk, m.n_head - h0);
+            __m256 sq[kChunk];
+            for (int64_t c = 0; c < kChunk; ++c) {
+                sq[c] = c < nh ? head_sq(acc + (h0 + c) * m.hd, 0, m.hd) : _mm256_setzero_ps();
+            }
+            alignas(32) float ss[kChunk];
+            _mm256_store_ps(ss, sum8(sq));
+            for (int64_t c = 0; c < nh; ++c) {
+                float * oh = acc + (h0 + c) * m.hd;
+                const double dn = std::sqrt((double) ss[c]);
+                const float k = dn > 0.0 ? (float) (mag[h0 + c] / dn) : 0.0f;
+                const GGML_F32_VEC f = GGML_F32_VEC_SET1(k);
+                for (int64_t i = 0; i < m.hd; i += GGML_F32_EPR) {
+                    GGML_F32_VEC_STORE(oh + i, GGML_F32_VEC_MUL(GGML_F32_VEC_LOAD(oh + i), f));
+                }
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t h = 0; h < m.n_head; ++h) {
         float * oh = acc + h * m.hd;
         const double dn = std::sqrt((double) dot(oh, oh, m.hd));
